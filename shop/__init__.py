@@ -1,0 +1,1 @@
+"""Private-domain mini-program store backend."""

@@ -1,0 +1,112 @@
+"""create_app(settings=None) -> Litestar: lifespan, routes, error handlers, dependencies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import swagger_ui_bundle
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
+
+from shop import migrate
+from shop.auth_tokens import provide_admin, provide_user
+from shop.db import create_pool, provide_conn
+from shop.errors import render_error
+from shop.health import healthz, readyz
+from shop.keys import Keys
+from shop.observability import metrics
+from shop.redis import Scripts, create_redis
+from shop.settings import Settings, load_settings
+
+SWAGGER_DIR = Path(swagger_ui_bundle.__file__).parent / "vendor" / "swagger-ui-4.15.5"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/shop"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class NotMigrated(RuntimeError):
+    pass
+
+
+def with_default_urls(settings: Settings) -> Settings:
+    """Fill in the local servers when no URL is configured (the embedded default is `shop dev`'s job)."""
+    import msgspec
+
+    return msgspec.structs.replace(
+        settings,
+        database_url=settings.database_url or DEFAULT_DATABASE_URL,
+        redis_url=settings.redis_url or DEFAULT_REDIS_URL,
+    )
+
+
+def route_handlers() -> list:
+    from shop.routes import ROUTES
+
+    return ROUTES
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = with_default_urls(settings or load_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = await create_pool(settings)
+        redis = None
+        try:
+            async with pool.acquire() as conn:
+                missing = await migrate.pending(conn)
+            if missing:
+                raise NotMigrated(
+                    f"database is not migrated ({len(missing)} pending, first {missing[0].path.name}): "
+                    "run `shop migrate`"
+                )
+            redis = create_redis(settings.redis_url)
+            app.state.pool = pool
+            app.state.redis = redis
+            app.state.scripts = Scripts(redis)
+            yield
+        finally:
+            if redis is not None:
+                await redis.aclose()
+            await pool.close()
+
+    openapi = OpenAPIConfig(
+        title="Private-domain mini-store API",
+        version="1.0.0",
+        path="/schema",
+        render_plugins=[
+            SwaggerRenderPlugin(
+                js_url="/schema/static/swagger-ui-bundle.js",
+                css_url="/schema/static/swagger-ui.css",
+                standalone_preset_js_url="/schema/static/swagger-ui-standalone-preset.js",
+                path="/",
+                favicon='<link rel="icon" type="image/png" href="/schema/static/favicon-32x32.png">',
+            )
+        ],
+    )
+    swagger_static = create_static_files_router(
+        path="/schema/static", directories=[SWAGGER_DIR], include_in_schema=False, name="swagger-static"
+    )
+    from shop.observability import observability_middleware, on_app_init_observability
+
+    app = Litestar(
+        route_handlers=[healthz, readyz, metrics, swagger_static, *route_handlers()],
+        lifespan=[lifespan],
+        dependencies={
+            "conn": Provide(provide_conn),
+            "user": Provide(provide_user),
+            "admin": Provide(provide_admin),
+        },
+        exception_handlers={Exception: render_error},
+        openapi_config=openapi,
+        middleware=observability_middleware(settings),
+        on_app_init=[on_app_init_observability(settings)],
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.keys = Keys(settings.redis_prefix)
+    return app

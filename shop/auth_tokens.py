@@ -1,0 +1,90 @@
+"""JWT access tokens and the `user` / `admin` dependencies that require them.
+
+Shopper and merchant tokens differ in audience, so one is never accepted where the other is
+expected. Keys are chosen by the `kid` header among SHOP_JWT_KEYS, so keys can rotate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import msgspec
+from litestar import Request
+
+from shop.errors import Unauthorized
+from shop.settings import Settings
+
+ALGORITHMS = ["HS256"]  # fixed allow-list: never taken from the token
+AUD_SHOPPER = "shop-api"
+AUD_ADMIN = "shop-admin"
+
+
+class AuthUser(msgspec.Struct, frozen=True):
+    id: int
+
+
+class AuthAdmin(msgspec.Struct, frozen=True):
+    id: int
+    username: str
+
+
+def issue_access_token(settings: Settings, subject: int, audience: str, **claims: object) -> str:
+    now = int(time.time())
+    payload = {
+        "sub": str(subject),
+        "iss": settings.jwt_issuer,
+        "aud": audience,
+        "iat": now,
+        "exp": now + settings.access_token_ttl,
+        **claims,
+    }
+    kid = settings.signing_kid
+    return jwt.encode(payload, settings.jwt_key_map[kid], algorithm="HS256", headers={"kid": kid})
+
+
+def decode_access_token(settings: Settings, token: str, audience: str) -> dict:
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise Unauthorized("Malformed token", code="auth.invalid_token") from exc
+    key = settings.jwt_key_map.get(str(header.get("kid")))
+    if key is None:
+        raise Unauthorized("Unknown signing key", code="auth.invalid_token")
+    try:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=ALGORITHMS,
+            audience=audience,
+            issuer=settings.jwt_issuer,
+            options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("Token expired", code="auth.token_expired") from exc
+    except jwt.PyJWTError as exc:
+        raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Missing bearer token", code="auth.required")
+    return token.strip()
+
+
+async def provide_user(request: Request) -> AuthUser:
+    claims = decode_access_token(request.app.state.settings, _bearer(request), AUD_SHOPPER)
+    try:
+        return AuthUser(id=int(claims["sub"]))
+    except ValueError as exc:
+        raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
+
+
+async def provide_admin(request: Request) -> AuthAdmin:
+    claims = decode_access_token(request.app.state.settings, _bearer(request), AUD_ADMIN)
+    try:
+        return AuthAdmin(id=int(claims["sub"]), username=str(claims.get("username", "")))
+    except ValueError as exc:
+        raise Unauthorized("Invalid token", code="auth.invalid_token") from exc

@@ -1,0 +1,133 @@
+"""Domain errors carry their code and HTTP status; one handler renders every error the same way."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+    ValidationException,
+)
+
+log = logging.getLogger("shop.errors")
+
+
+class ShopError(Exception):
+    """A refusal the client can act on: rendered as {"error": {"code", "message"}} with `status`."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        details: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.details = details
+        self.headers = headers
+
+
+class BadRequest(ShopError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ShopError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ShopError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ShopError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ShopError):
+    status, code = 409, "conflict"
+
+
+class ValidationFailed(ShopError):
+    status, code = 422, "validation_failed"
+
+
+class RateLimited(ShopError):
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str = "Too many requests", *, retry_after: int = 1, code: str | None = None):
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, retry_after))})
+
+
+class Unavailable(ShopError):
+    status, code = 503, "unavailable"
+
+
+def error_body(code: str, message: str, details: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err}
+
+
+def _validation_details(extra: Any) -> list[dict[str, str]]:
+    details = []
+    for item in extra if isinstance(extra, list) else []:
+        if isinstance(item, dict):
+            key = item.get("key") or item.get("source") or ""
+            message = str(item.get("message", "invalid"))
+            # msgspec messages end with " - at `$.field`": expose the field path on its own.
+            field = str(key)
+            if " - at `$." in message:
+                message, _, path = message.partition(" - at `$.")
+                field = path.rstrip("`")
+            elif " - at `$`" in message:
+                message = message.partition(" - at `$`")[0]
+            details.append({"field": field or "body", "message": message})
+    return details or [{"field": "body", "message": "invalid request"}]
+
+
+def render_error(request: Request, exc: Exception) -> Response:
+    """The one exception handler: domain errors, framework errors, and anything unexpected."""
+    if isinstance(exc, ShopError):
+        return Response(
+            error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers
+        )
+    if isinstance(exc, ValidationException):
+        details = _validation_details(exc.extra)
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        return Response(error_body("validation_failed", message, details), status_code=422)
+    if isinstance(exc, NotFoundException):
+        return Response(error_body("not_found", "No such resource"), status_code=404)
+    if isinstance(exc, MethodNotAllowedException):
+        return Response(
+            error_body("method_not_allowed", "Method not allowed"),
+            status_code=405,
+            headers=exc.headers or None,
+        )
+    if isinstance(exc, NotAuthorizedException):
+        return Response(error_body("unauthorized", exc.detail or "Authentication required"), status_code=401)
+    if isinstance(exc, PermissionDeniedException):
+        return Response(error_body("forbidden", exc.detail or "Forbidden"), status_code=403)
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        code = {413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}.get(
+            exc.status_code, "bad_request"
+        )
+        return Response(error_body(code, exc.detail or "Bad request"), status_code=exc.status_code)
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response(error_body("internal_error", "Internal server error"), status_code=500)

@@ -1,0 +1,159 @@
+"""Request ids, one structured log line per request, and Prometheus metrics.
+
+Metrics work across several worker processes: when PROMETHEUS_MULTIPROC_DIR is set (the
+`shop serve` command sets it) prometheus_client writes per-process files and /metrics
+aggregates them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from typing import Any
+
+from litestar import Response, get
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_mp
+
+from shop.settings import Settings
+
+log = logging.getLogger("shop.request")
+REQUEST_ID_HEADER = "x-request-id"
+
+REQUESTS = Counter("shop_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram(
+    "shop_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+POOL_SIZE = Gauge("shop_db_pool_size", "PostgreSQL pool connections open", multiprocess_mode="livesum")
+POOL_IN_USE = Gauge(
+    "shop_db_pool_in_use", "PostgreSQL pool connections checked out", multiprocess_mode="livesum"
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _route_of(scope: Scope) -> str:
+    handler = scope.get("route_handler")
+    paths = getattr(handler, "paths", None)
+    if paths:
+        # The route template, not the raw path: ids must not explode label cardinality.
+        return scope.get("path_template") or sorted(paths)[0]
+    return "unmatched"
+
+
+def observability_middleware(settings: Settings) -> list:
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode())
+            request_id = (
+                incoming.decode("latin-1")[:64] if incoming and incoming.isascii() else secrets.token_hex(8)
+            )
+            scope.setdefault("state", {})["request_id"] = request_id
+            status = 500
+            started = time.perf_counter()
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")),
+                    ]
+                await send(message)
+
+            try:
+                await app(scope, receive, send_with_id)
+            finally:
+                elapsed = time.perf_counter() - started
+                route = _route_of(scope)
+                method = scope.get("method", "")
+                if route != "/metrics":
+                    REQUESTS.labels(method, route, str(status)).inc()
+                    LATENCY.labels(method, route).observe(elapsed)
+                pool = getattr(scope["app"].state, "pool", None) if "app" in scope else None
+                if pool is not None:
+                    size = pool.get_size()
+                    POOL_SIZE.set(size)
+                    POOL_IN_USE.set(size - pool.get_idle_size())
+                if settings.log_requests:
+                    log.info(
+                        "request",
+                        extra={
+                            "fields": {
+                                "request_id": request_id,
+                                "method": method,
+                                "path": scope.get("path"),
+                                "route": route,
+                                "status": status,
+                                "ms": round(elapsed * 1000, 2),
+                            }
+                        },
+                    )
+
+        return wrapped
+
+    return [middleware]
+
+
+def on_app_init_observability(settings: Settings):
+    def hook(app_config):
+        configure_logging(settings.log_level)
+        return app_config
+
+    return hook
+
+
+@get("/metrics", include_in_schema=False, tags=["health"])
+async def metrics() -> Response[bytes]:
+    """Prometheus text format, aggregated over every worker process when running multi-process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        prom_mp.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        body = generate_latest(REGISTRY)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
