@@ -88,3 +88,8 @@ async def provide_admin(request: Request) -> AuthAdmin:
         return AuthAdmin(id=int(claims["sub"]), username=str(claims.get("username", "")))
     except ValueError as exc:
         raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
+
+
+def admin_guard(connection, _handler) -> None:
+    """Controller-level guard for /api/v1/admin/*: nothing under it runs without a merchant token."""
+    decode_access_token(connection.app.state.settings, _bearer(connection), AUD_ADMIN)
