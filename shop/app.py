@@ -15,21 +15,18 @@ from litestar.static_files import create_static_files_router
 
 from shop import migrate
 from shop.auth_tokens import provide_admin, provide_user
-from shop.db import create_pool, provide_conn
+from shop.db import connection_middleware, create_pool, provide_conn
 from shop.errors import render_error
 from shop.health import healthz, readyz
 from shop.keys import Keys
 from shop.observability import metrics
+from shop.payments.service import build_providers
 from shop.redis import Scripts, create_redis
 from shop.settings import Settings, load_settings
 
 SWAGGER_DIR = Path(swagger_ui_bundle.__file__).parent / "vendor" / "swagger-ui-4.15.5"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/shop"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class NotMigrated(RuntimeError):
-    pass
 
 
 def with_default_urls(settings: Settings) -> Settings:
@@ -58,16 +55,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         redis = None
         try:
             async with pool.acquire() as conn:
-                missing = await migrate.pending(conn)
-            if missing:
-                raise NotMigrated(
-                    f"database is not migrated ({len(missing)} pending, first {missing[0].path.name}): "
-                    "run `shop migrate`"
-                )
+                await migrate.ensure_migrated(conn)
             redis = create_redis(settings.redis_url)
             app.state.pool = pool
             app.state.redis = redis
             app.state.scripts = Scripts(redis)
+            app.state.providers = build_providers(settings)
             yield
         finally:
             if redis is not None:
@@ -103,9 +96,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         },
         exception_handlers={Exception: render_error},
         openapi_config=openapi,
-        middleware=observability_middleware(settings),
+        middleware=[*observability_middleware(settings), connection_middleware],
         on_app_init=[on_app_init_observability(settings)],
         debug=False,
+        # Logging is ours (one JSON line per event, shop.observability); Litestar must not replace it.
+        logging_config=None,
     )
     app.state.settings = settings
     app.state.keys = Keys(settings.redis_prefix)

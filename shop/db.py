@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import asyncpg
-from litestar.datastructures import State
+from litestar import Request
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from shop.settings import Settings
 
@@ -29,9 +29,49 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     )
 
 
-async def provide_conn(state: State) -> AsyncIterator[asyncpg.Connection]:
-    async with state.pool.acquire() as conn:
-        yield conn
+class _RequestConnection:
+    """At most one pooled connection per request, taken on first use and always given back."""
+
+    __slots__ = ("conn", "pool")
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.conn: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        if self.conn is None:
+            self.conn = await self.pool.acquire()
+        return self.conn
+
+    async def release(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await self.pool.release(conn)
+
+
+def connection_middleware(app: ASGIApp) -> ASGIApp:
+    """Releases the request's connection when the request ends, however it ends.
+
+    A yield-dependency is not enough: when a later dependency (say, the bearer-token check)
+    fails, Litestar skips the cleanup of one already resolved and the connection leaks.
+    """
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        holder = _RequestConnection(scope["app"].state.pool)
+        scope.setdefault("state", {})["db"] = holder
+        try:
+            await app(scope, receive, send)
+        finally:
+            await holder.release()
+
+    return wrapped
+
+
+async def provide_conn(request: Request) -> asyncpg.Connection:
+    return await request.scope["state"]["db"].get()
 
 
 async def connect(settings: Settings) -> asyncpg.Connection:

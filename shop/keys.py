@@ -22,3 +22,11 @@ class Keys:
     # Login rate limiting: one bucket per client IP.
     def login_bucket(self, ip: str) -> str:
         return self._k(f"login:{ip}", "bucket")
+
+    # Mini-program access token shared by every process (own tag per appid), and the lock that
+    # lets one process refresh it while the others wait for the cached value.
+    def wechat_access_token(self, appid: str) -> str:
+        return self._k(f"wxtoken:{appid}", "token")
+
+    def wechat_access_token_lock(self, appid: str) -> str:
+        return self._k(f"wxtoken:{appid}", "lock")

@@ -17,6 +17,10 @@ class MigrationError(Exception):
     pass
 
 
+class NotMigrated(RuntimeError):
+    """The database lags behind sql/: nothing may run on it until `shop migrate`."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -75,3 +79,12 @@ async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[Mig
         return applied
     finally:
         await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+
+
+async def ensure_migrated(conn: asyncpg.Connection) -> None:
+    """Refuse to run on a database that `shop migrate` has not brought up to date."""
+    missing = await pending(conn)
+    if missing:
+        raise NotMigrated(
+            f"database is not migrated ({len(missing)} pending, first {missing[0].path.name}): run `shop migrate`"
+        )

@@ -2,4 +2,19 @@
 
 from __future__ import annotations
 
-ROUTES: list = []
+from shop import auth, refunds, users
+from shop.catalog import api as catalog_api  # Engineer B: catalog
+from shop.orders import api as orders_api
+from shop.payments import api as payments_api
+
+ROUTES: list = [
+    orders_api.CheckoutController,
+    orders_api.AdminOrderController,
+    payments_api.PaymentController,
+    refunds.RefundController,
+    refunds.AdminRefundController,
+    auth.ShopperAuthController,
+    auth.AdminAuthController,
+    users.MeController,
+    *catalog_api.ROUTES,
+]

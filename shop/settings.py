@@ -37,6 +37,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     wechat_appid: str = ""
     wechat_secret: str = ""
     wechat_api_base: str = "https://api.weixin.qq.com"
+    # Payments. The provider new payment attempts use: sandbox (demo, load tests) or wechatpay.
+    payment_provider: Literal["sandbox", "wechatpay"] = "sandbox"
+    sandbox_secret: str = "sandbox-notify-secret-0123456789"
+    # WeChat Pay API v3 (JSAPI for mini-programs). PEM values may be given inline or as @/path/to/file.
+    wechatpay_mchid: str = ""
+    wechatpay_appid: str = ""
+    wechatpay_serial_no: str = ""
+    wechatpay_private_key: str = ""
+    wechatpay_apiv3_key: str = ""
+    # "SERIAL=@/path.pem;SERIAL2=@/other.pem": WeChat Pay public keys or platform certificates by serial.
+    wechatpay_public_keys: str = ""
+    wechatpay_base_url: str = "https://api.mch.weixin.qq.com"
+    wechatpay_notify_url: str = ""
+    wechatpay_notify_tolerance: Annotated[int, msgspec.Meta(ge=10, le=3600)] = 300
     trusted_proxies: str = "127.0.0.1,::1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_requests: bool = True
@@ -51,6 +65,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError("SHOP_DB_POOL_MIN must not exceed SHOP_DB_POOL_MAX")
         keys = parse_jwt_keys(self.jwt_keys)
         if self.env == "production":
+            if self.payment_provider == "sandbox":
+                raise SettingsError("SHOP_PAYMENT_PROVIDER=sandbox is refused in production")
             if self.jwt_keys == DEV_JWT_KEYS:
                 raise SettingsError(
                     "SHOP_JWT_KEYS must be set in production (the default is a public dev key)"

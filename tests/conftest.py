@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -25,6 +26,7 @@ from shop.migrate import migrate
 from shop.passwords import hash_password
 from shop.settings import Settings, load_settings
 
+logging.getLogger("httpx").setLevel(logging.WARNING)
 RUN_ID = f"{os.getpid()}"
 TEST_DB = f"shop_test_{RUN_ID}"
 _prefixes = itertools.count()
@@ -96,6 +98,8 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await connect(settings)
     if TRUNCATE_SQL:
         await conn.execute(TRUNCATE_SQL)
+        # Single-row settings tables get their migration defaults back.
+        await conn.execute("insert into shipping_rule (id) values (1)")
     yield conn
     await conn.close()
 
@@ -136,7 +140,14 @@ async def running(app) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 5)
+        except TimeoutError:
+            pool = app.state.pool
+            print("POOL", pool.get_size(), pool.get_idle_size())
+            for t in asyncio.all_tasks():
+                t.print_stack(limit=8)
+            raise
 
 
 async def _drop_prefix(settings: Settings) -> None:
@@ -171,3 +182,9 @@ async def admin_headers(db: asyncpg.Connection, settings: Settings) -> dict[str,
     )
     token = issue_access_token(settings, admin_id, AUD_ADMIN, username="boss")
     return {"Authorization": f"Bearer {token}"}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: starts real processes (shop dev, embedded servers); seconds, not milliseconds"
+    )

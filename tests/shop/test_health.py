@@ -3,8 +3,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from shop.app import NotMigrated, create_app
+from shop.app import create_app
 from shop.embedded import replace_dbname
+from shop.migrate import NotMigrated
 
 
 async def test_healthz(client):

@@ -1,0 +1,1 @@
+"""The catalog: categories, products, SKUs and their stock ledger."""

@@ -1,0 +1,126 @@
+"""The order-events outbox.
+
+Every order state change writes an `order_events` row in the same transaction. The worker
+dispatches each event to the handlers registered for its type, at least once; each handler's
+effect commits together with its `order_event_deliveries` row, so a handler never acts twice
+on one event even when dispatch is retried. Later features (coupons, group-buy, rebates, game
+chances) subscribe here instead of being called from the payment path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("shop.events")
+
+ORDER_EVENT_TYPES = frozenset(
+    {
+        "order.created",
+        "order.paid",
+        "order.cancelled",
+        "order.shipped",
+        "order.completed",
+        "order.refund_requested",
+        "order.refund_approved",
+        "order.refund_rejected",
+        "order.refunded",
+        "order.paid_after_cancel",
+    }
+)
+
+
+@dataclass(frozen=True)
+class OrderEvent:
+    id: int
+    order_id: int
+    type: str
+    payload: dict[str, Any]
+
+
+# ctx is the worker's JobContext (pool, redis, settings, …); conn is inside the delivery transaction.
+Handler = Callable[[asyncpg.Connection, OrderEvent, Any], Awaitable[None]]
+HANDLERS: dict[str, list[tuple[str, Handler]]] = {}
+
+
+def on_order_event(event_type: str, name: str) -> Callable[[Handler], Handler]:
+    """Subscribe a handler (unique `name`, used for its idempotency) to one event type."""
+    if event_type not in ORDER_EVENT_TYPES:
+        raise ValueError(f"unknown order event type {event_type}")
+
+    def register(func: Handler) -> Handler:
+        subscribers = HANDLERS.setdefault(event_type, [])
+        if any(existing == name for existing, _ in subscribers):
+            raise RuntimeError(f"two handlers named {name} for {event_type}")
+        subscribers.append((name, func))
+        return func
+
+    return register
+
+
+async def record_event(
+    conn: asyncpg.Connection, order_id: int, event_type: str, payload: dict[str, Any] | None = None
+) -> int:
+    """Write an event row; call inside the transaction that makes the change it describes."""
+    if event_type not in ORDER_EVENT_TYPES:
+        raise ValueError(f"unknown order event type {event_type}")
+    return await conn.fetchval(
+        "insert into order_events (order_id, type, payload) values ($1, $2, $3) returning id",
+        order_id,
+        event_type,
+        payload or {},
+    )
+
+
+def _backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(3600, 2 ** min(attempts, 12)))
+
+
+async def dispatch_order_events(pool: asyncpg.Pool, ctx: Any, batch: int = 100) -> int:
+    """Deliver due events to their handlers; returns how many events were fully dispatched."""
+    done = 0
+    async with pool.acquire() as conn:
+        # SKIP LOCKED: several workers split the backlog instead of queueing behind each other.
+        async with conn.transaction():
+            rows = await conn.fetch(
+                """select id, order_id, type, payload, attempts from order_events
+                   where dispatched_at is null and next_attempt_at <= now()
+                   order by id limit $1 for update skip locked""",
+                batch,
+            )
+            for row in rows:
+                event = OrderEvent(row["id"], row["order_id"], row["type"], row["payload"])
+                failed = None
+                for name, handler in HANDLERS.get(event.type, []):
+                    try:
+                        async with conn.transaction():  # savepoint: one handler's failure undoes only itself
+                            inserted = await conn.fetchval(
+                                """insert into order_event_deliveries (event_id, handler) values ($1, $2)
+                                   on conflict do nothing returning 1""",
+                                event.id,
+                                name,
+                            )
+                            if inserted:
+                                await handler(conn, event, ctx)
+                    except Exception as exc:
+                        log.exception("order event %s handler %s failed", event.id, name)
+                        failed = f"{name}: {type(exc).__name__}: {exc}"[:500]
+                if failed is None:
+                    await conn.execute(
+                        "update order_events set dispatched_at = now() where id = $1", event.id
+                    )
+                    done += 1
+                else:
+                    await conn.execute(
+                        """update order_events set attempts = attempts + 1, last_error = $2,
+                               next_attempt_at = now() + $3 where id = $1""",
+                        event.id,
+                        failed,
+                        _backoff(row["attempts"] + 1),
+                    )
+    return done

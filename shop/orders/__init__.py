@@ -1,0 +1,1 @@
+"""Orders: checkout, the order state machine, shipments, and giving units back."""

@@ -1,0 +1,34 @@
+"""The order flow's background jobs: timeouts, auto-confirm, event dispatch, refunds, payment closes."""
+
+from __future__ import annotations
+
+from shop.events import dispatch_order_events
+from shop.orders.service import auto_confirm_orders, cancel_expired_orders
+from shop.payments.service import sync_payment_closes
+from shop.refunds import process_refunds
+from shop.worker import JobContext, periodic
+
+
+@periodic("cancel_unpaid_orders", every_seconds=2)
+async def cancel_unpaid_orders(ctx: JobContext) -> int:
+    return await cancel_expired_orders(ctx.pool)
+
+
+@periodic("auto_confirm_orders", every_seconds=60)
+async def auto_confirm(ctx: JobContext) -> int:
+    return await auto_confirm_orders(ctx.pool)
+
+
+@periodic("dispatch_order_events", every_seconds=1)
+async def dispatch_events(ctx: JobContext) -> int:
+    return await dispatch_order_events(ctx.pool, ctx)
+
+
+@periodic("send_refunds", every_seconds=3)
+async def send_refunds(ctx: JobContext) -> int:
+    return await process_refunds(ctx.pool, ctx.providers)
+
+
+@periodic("close_abandoned_payments", every_seconds=10)
+async def close_payments(ctx: JobContext) -> int:
+    return await sync_payment_closes(ctx.pool, ctx.providers)

@@ -1,0 +1,1 @@
+"""Payments: provider protocol clients (wechatpay) and the payment service built on them."""

@@ -1,0 +1,530 @@
+"""Refund requests: their own records (several per order), approved, paid back by the worker with retries.
+
+A request reserves the refunded quantity and amount on each line at once (a conditional
+UPDATE that never lets them pass what was paid), so concurrent requests cannot refund more
+than the shopper paid; a rejected request releases its reservation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from shop.auth_tokens import AuthAdmin, AuthUser, admin_guard
+from shop.errors import Conflict, NotFound, ValidationFailed
+from shop.events import record_event
+from shop.idempotency import idempotent_response, run_idempotent
+from shop.orders.service import business_no, give_back_units, run_after_commit
+from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+from shop.payments.base import NotifyRejected, PaymentProvider, ProviderError
+from shop.schemas import Schema
+from shop.settings import Settings
+
+log = logging.getLogger("shop.refunds")
+
+RefundStatus = Literal["requested", "approved", "rejected", "processing", "succeeded"]
+Id = Annotated[int, msgspec.Meta(ge=1, le=2**62)]
+
+
+class RefundLineIn(Schema):
+    line_id: Id
+    qty: Annotated[int, msgspec.Meta(ge=0, le=999)]
+    # Defaults to the line's paid amount for that quantity; may be lower (e.g. a partial price refund).
+    amount: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class RefundIn(Schema):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    # Omitted: refund everything still refundable (plus shipping when nothing was shipped).
+    lines: Annotated[list[RefundLineIn], msgspec.Meta(min_length=1, max_length=50)] | None = None
+
+
+class RefundLineOut(Schema):
+    order_line_id: int
+    qty: int
+    amount: int
+
+
+class RefundOut(Schema):
+    id: int
+    refund_no: str
+    order_id: int
+    status: RefundStatus
+    origin: str
+    reason: str
+    amount: int
+    restock: bool | None
+    reject_reason: str | None
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    decided_at: datetime | None
+    succeeded_at: datetime | None
+    lines: list[RefundLineOut] = []
+
+
+class RefundPage(Schema):
+    items: list[RefundOut]
+    next_cursor: str | None = None
+
+
+class ApproveIn(Schema):
+    # Whether the goods came back (or were never shipped): their units return to stock.
+    restock: bool
+
+
+class RejectIn(Schema):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+REFUND_FIELDS = """id, refund_no, order_id, status, origin, reason, amount, restock, reject_reason, attempts,
+    last_error, created_at, decided_at, succeeded_at"""
+
+
+async def load_refunds(conn: asyncpg.Connection, rows) -> list[RefundOut]:
+    ids = [r["id"] for r in rows]
+    lines: dict[int, list[RefundLineOut]] = {i: [] for i in ids}
+    for r in await conn.fetch(
+        "select refund_id, order_line_id, qty, amount from refund_lines where refund_id = any($1::bigint[])"
+        " order by order_line_id",
+        ids,
+    ):
+        lines[r["refund_id"]].append(
+            RefundLineOut(order_line_id=r["order_line_id"], qty=r["qty"], amount=r["amount"])
+        )
+    return [RefundOut(**dict(r), lines=lines[r["id"]]) for r in rows]
+
+
+async def load_refund(conn: asyncpg.Connection, refund_id: int) -> RefundOut:
+    row = await conn.fetchrow(f"select {REFUND_FIELDS} from refunds where id = $1", refund_id)
+    if row is None:
+        raise NotFound("Refund not found", code="refund.not_found")
+    return (await load_refunds(conn, [row]))[0]
+
+
+def _backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(3600, 5 * 2 ** min(attempts, 10)))
+
+
+async def _is_fully_reserved(conn: asyncpg.Connection, order_id: int) -> bool:
+    return await conn.fetchval(
+        "select bool_and(refunded_amount = payable_amount) from order_lines where order_id = $1", order_id
+    )
+
+
+async def _is_fully_approved(conn: asyncpg.Connection, order_id: int) -> bool:
+    """Every line's whole paid amount is in approved (or finished) refunds: the order is being refunded."""
+    return await conn.fetchval(
+        """select bool_and(coalesce(a.amount, 0) = l.payable_amount)
+           from order_lines l
+           left join (select rl.order_line_id, sum(rl.amount) as amount
+                      from refund_lines rl join refunds r on r.id = rl.refund_id
+                      where r.order_id = $1 and r.status in ('approved', 'processing', 'succeeded')
+                      group by rl.order_line_id) a on a.order_line_id = l.id
+           where l.order_id = $1""",
+        order_id,
+    )
+
+
+async def _start_full_refund(conn: asyncpg.Connection, order_id: int) -> None:
+    """Every line is now being refunded: the order enters `refunding` (remembering where it came from)."""
+    await conn.execute(
+        """update orders set refund_from_status = status, status = 'refunding', updated_at = now()
+           where id = $1 and status in ('paid', 'shipped', 'completed')""",
+        order_id,
+    )
+
+
+async def _restock(conn: asyncpg.Connection, order: asyncpg.Record, refund_id: int) -> list:
+    units = await conn.fetch(
+        """select l.sku_id, r.qty from refund_lines r join order_lines l on l.id = r.order_line_id
+           where r.refund_id = $1""",
+        refund_id,
+    )
+    return await give_back_units(conn, order, [(u["sku_id"], u["qty"]) for u in units])
+
+
+async def request_refund(
+    conn: asyncpg.Connection, settings: Settings, user_id: int, order_id: int, body: RefundIn
+) -> tuple[RefundOut, list]:
+    """Reserve the lines' amounts and create the request; before shipping it is approved at once."""
+    order = await conn.fetchrow(
+        """select id, user_id, kind, activity_id, status, shipping_fee, paid_amount from orders
+           where id = $1 and user_id = $2 for update""",
+        order_id,
+        user_id,
+    )
+    if order is None:
+        raise NotFound("Order not found", code="order.not_found")
+    if order["status"] not in ("paid", "shipped", "completed"):
+        raise Conflict(f"An order that is {order['status']} cannot be refunded", code="refund.not_allowed")
+    lines = {
+        r["id"]: r
+        for r in await conn.fetch(
+            "select id, sku_id, qty, payable_amount, refunded_qty, refunded_amount from order_lines where order_id = $1",
+            order_id,
+        )
+    }
+    wanted: list[tuple[int, int, int]] = []  # (line_id, qty, amount)
+    if body.lines is None:
+        for line in lines.values():
+            amount = line["payable_amount"] - line["refunded_amount"]
+            if amount > 0:
+                wanted.append((line["id"], line["qty"] - line["refunded_qty"], amount))
+    else:
+        seen = set()
+        for item in body.lines:
+            line = lines.get(item.line_id)
+            if line is None:
+                raise NotFound(f"Order has no line {item.line_id}", code="order.line_not_found")
+            if item.line_id in seen:
+                raise ValidationFailed("A line is listed twice", code="refund.duplicate_line")
+            seen.add(item.line_id)
+            left_qty = line["qty"] - line["refunded_qty"]
+            left_amount = line["payable_amount"] - line["refunded_amount"]
+            if item.qty > left_qty:
+                raise Conflict("Refund quantity exceeds what is left on the line", code="refund.exceeds_paid")
+            if item.amount is None:
+                # Whole remaining quantity: the exact remainder, so shares of a split discount add up.
+                amount = (
+                    left_amount if item.qty == left_qty else line["payable_amount"] * item.qty // line["qty"]
+                )
+            else:
+                amount = item.amount
+            if amount > left_amount:
+                raise Conflict("Refund amount exceeds what was paid for the line", code="refund.exceeds_paid")
+            if amount > 0:
+                wanted.append((item.line_id, item.qty, amount))
+    if not wanted:
+        raise Conflict("Nothing left to refund on this order", code="refund.nothing_to_refund")
+    for line_id, qty, amount in sorted(wanted):
+        ok = await conn.fetchval(
+            """update order_lines set refunded_qty = refunded_qty + $2, refunded_amount = refunded_amount + $3
+               where id = $1 and refunded_qty + $2 <= qty and refunded_amount + $3 <= payable_amount
+               returning 1""",
+            line_id,
+            qty,
+            amount,
+        )
+        if ok is None:
+            raise Conflict("Refund amount exceeds what was paid for the line", code="refund.exceeds_paid")
+    total = sum(amount for _, _, amount in wanted)
+    full = await _is_fully_reserved(conn, order_id)
+    if full and order["status"] == "paid":
+        total += order["shipping_fee"]  # nothing was shipped: shipping is refunded too
+    auto = order["status"] == "paid"
+    payment_id = await conn.fetchval(
+        "select id from payments where order_id = $1 and status = 'paid' order by paid_at limit 1", order_id
+    )
+    refund_id = await conn.fetchval(
+        """insert into refunds (refund_no, order_id, user_id, payment_id, status, origin, reason, amount, restock,
+               decided_at, next_attempt_at)
+           values ($1, $2, $3, $4, $5, 'shopper', $6, $7, $8, case when $9 then now() end,
+                   case when $9 then now() end) returning id""",
+        await business_no(conn, settings, prefix="R"),
+        order_id,
+        user_id,
+        payment_id,
+        "approved" if auto else "requested",
+        body.reason,
+        total,
+        True if auto else None,
+        auto,
+    )
+    await conn.execute(
+        """insert into refund_lines (refund_id, order_line_id, qty, amount)
+           select $1, l, q, a from unnest($2::bigint[], $3::int[], $4::int[]) as t (l, q, a)""",
+        refund_id,
+        [w[0] for w in wanted],
+        [w[1] for w in wanted],
+        [w[2] for w in wanted],
+    )
+    await record_event(conn, order_id, "order.refund_requested", {"refund_id": refund_id, "amount": total})
+    after: list = []
+    if auto:
+        after = await _restock(conn, order, refund_id)
+        if await _is_fully_approved(conn, order_id):
+            await _start_full_refund(conn, order_id)
+        await record_event(conn, order_id, "order.refund_approved", {"refund_id": refund_id, "auto": True})
+    return await load_refund(conn, refund_id), after
+
+
+async def create_system_refund(
+    conn: asyncpg.Connection, settings: Settings, order_id: int, payment_id: int, amount: int, reason: str
+) -> int:
+    """Refund a whole payment that must not be kept (e.g. it arrived after the order was cancelled)."""
+    user_id = await conn.fetchval("select user_id from orders where id = $1", order_id)
+    return await conn.fetchval(
+        """insert into refunds (refund_no, order_id, user_id, payment_id, status, origin, reason, amount,
+               decided_at, next_attempt_at)
+           values ($1, $2, $3, $4, 'approved', 'system', $5, $6, now(), now()) returning id""",
+        await business_no(conn, settings, prefix="R"),
+        order_id,
+        user_id,
+        payment_id,
+        reason,
+        amount,
+    )
+
+
+async def approve_refund(conn: asyncpg.Connection, refund_id: int, restock: bool) -> RefundOut:
+    async with conn.transaction():
+        order_id = await conn.fetchval("select order_id from refunds where id = $1", refund_id)
+        if order_id is None:
+            raise NotFound("Refund not found", code="refund.not_found")
+        order = await conn.fetchrow(
+            "select id, kind, activity_id, user_id from orders where id = $1 for update", order_id
+        )
+        row = await conn.fetchrow(
+            """update refunds set status = 'approved', restock = $2, decided_at = now(), next_attempt_at = now()
+               where id = $1 and status = 'requested' returning id""",
+            refund_id,
+            restock,
+        )
+        if row is None:
+            raise Conflict("Only a requested refund can be approved", code="refund.illegal_transition")
+        after = await _restock(conn, order, refund_id) if restock else []
+        if await _is_fully_approved(conn, order_id):
+            await _start_full_refund(conn, order_id)
+        await record_event(
+            conn, order_id, "order.refund_approved", {"refund_id": refund_id, "restock": restock}
+        )
+    await run_after_commit(after)
+    return await load_refund(conn, refund_id)
+
+
+async def reject_refund(conn: asyncpg.Connection, refund_id: int, reason: str) -> RefundOut:
+    async with conn.transaction():
+        order_id = await conn.fetchval("select order_id from refunds where id = $1", refund_id)
+        if order_id is None:
+            raise NotFound("Refund not found", code="refund.not_found")
+        await conn.execute("select 1 from orders where id = $1 for update", order_id)
+        row = await conn.fetchrow(
+            """update refunds set status = 'rejected', reject_reason = $2, decided_at = now()
+               where id = $1 and status = 'requested' returning id""",
+            refund_id,
+            reason,
+        )
+        if row is None:
+            raise Conflict("Only a requested refund can be rejected", code="refund.illegal_transition")
+        # Release the reservation so the shopper may ask again.
+        await conn.execute(
+            """update order_lines l set refunded_qty = l.refunded_qty - r.qty, refunded_amount = l.refunded_amount - r.amount
+               from refund_lines r where r.refund_id = $1 and l.id = r.order_line_id""",
+            refund_id,
+        )
+        await record_event(conn, order_id, "order.refund_rejected", {"refund_id": refund_id})
+    return await load_refund(conn, refund_id)
+
+
+async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refund_id: str | None) -> bool:
+    """approved/processing -> succeeded, exactly once; a full refund makes the order `refunded`."""
+    row = await conn.fetchrow(
+        """update refunds set status = 'succeeded', succeeded_at = now(), provider_refund_id = $2,
+               next_attempt_at = null, last_error = null
+           where id = $1 and status in ('approved', 'processing') returning order_id, amount, origin""",
+        refund_id,
+        provider_refund_id,
+    )
+    if row is None:
+        return False
+    if row["origin"] != "system":
+        # `refunding` means every line is in an approved refund: the last one to finish ends it.
+        await conn.execute(
+            """update orders set refunded_amount = refunded_amount + $2, updated_at = now(),
+                   status = case when status = 'refunding' and not exists (
+                                select 1 from refunds where order_id = $1 and status in ('approved', 'processing'))
+                            then 'refunded' else status end
+               where id = $1""",
+            row["order_id"],
+            row["amount"],
+        )
+    await record_event(
+        conn,
+        row["order_id"],
+        "order.refunded",
+        {"refund_id": refund_id, "amount": row["amount"], "origin": row["origin"]},
+    )
+    return True
+
+
+async def process_refunds(
+    pool: asyncpg.Pool, providers: Mapping[str, PaymentProvider], batch: int = 20
+) -> int:
+    """Send due refunds to the provider; failures are retried with backoff (idempotent on refund_no)."""
+    done = 0
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            """select r.id, r.refund_no, r.amount, r.reason, r.attempts, p.provider, p.out_trade_no,
+                      p.amount as total
+               from refunds r join payments p on p.id = r.payment_id
+               where r.status in ('approved', 'processing') and r.next_attempt_at <= now()
+               order by r.next_attempt_at limit $1 for update of r skip locked""",
+            batch,
+        )
+        for row in rows:
+            provider = providers.get(row["provider"])
+            try:
+                if provider is None:
+                    raise ProviderError(f"provider {row['provider']} is not configured")
+                result = await provider.refund(
+                    refund_no=row["refund_no"],
+                    out_trade_no=row["out_trade_no"],
+                    amount=row["amount"],
+                    total=row["total"],
+                    reason=row["reason"][:80],
+                )
+            except ProviderError as exc:
+                await conn.execute(
+                    """update refunds set attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3
+                       where id = $1""",
+                    row["id"],
+                    str(exc)[:500],
+                    _backoff(row["attempts"] + 1),
+                )
+                continue
+            if result.status == "succeeded":
+                await conn.execute("update refunds set attempts = attempts + 1 where id = $1", row["id"])
+                done += await finish_refund(conn, row["id"], result.provider_refund_id)
+            else:
+                # The provider's refund notify finishes it; until then ask again now and then.
+                await conn.execute(
+                    """update refunds set status = 'processing', attempts = attempts + 1, provider_refund_id = $2,
+                           next_attempt_at = now() + interval '60 seconds' where id = $1""",
+                    row["id"],
+                    result.provider_refund_id,
+                )
+    return done
+
+
+async def handle_refund_notify(
+    conn: asyncpg.Connection, provider: PaymentProvider, headers: Mapping[str, str], body: bytes
+) -> tuple[int, Any]:
+    try:
+        notice = provider.parse_refund_notify(headers, body)
+    except NotifyRejected as exc:
+        log.warning(
+            "refund notify rejected", extra={"fields": {"provider": provider.name, "reason": exc.code}}
+        )
+        return provider.nack(exc.code)
+    async with conn.transaction():
+        refund_id = await conn.fetchval(
+            "select id from refunds where refund_no = $1 for update", notice.refund_no
+        )
+        if refund_id is None:
+            return provider.nack("unknown_refund")
+        if notice.succeeded:
+            await finish_refund(conn, refund_id, notice.provider_refund_id)
+        else:
+            await conn.execute(
+                """update refunds set status = 'approved', last_error = 'provider reported failure',
+                       next_attempt_at = now() + interval '10 minutes' where id = $1 and status = 'processing'""",
+                refund_id,
+            )
+    return provider.ack()
+
+
+# ---------------------------------------------------------------- routes
+
+IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
+
+
+class RefundController(Controller):
+    path = "/api/v1/orders/{order_id:int}/refunds"
+    tags = ["refunds"]
+
+    @post("/")
+    async def create(
+        self,
+        request: Request,
+        order_id: int,
+        data: RefundIn,
+        user: AuthUser,
+        conn: asyncpg.Connection,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[RefundOut]:
+        """Ask for a refund of the whole order or of some lines; before shipping it is approved at once."""
+        settings = request.app.state.settings
+        after: list = []
+
+        async def work():
+            refund, callbacks = await request_refund(conn, settings, user.id, order_id, data)
+            after.extend(callbacks)
+            return 201, refund
+
+        outcome = await run_idempotent(
+            conn,
+            user_id=user.id,
+            scope=f"refunds.create:{order_id}",
+            key=idempotency_key,
+            request=data,
+            work=work,
+        )
+        await run_after_commit(after)
+        return idempotent_response(outcome)
+
+    @get("/")
+    async def list_for_order(
+        self, order_id: int, user: AuthUser, conn: asyncpg.Connection
+    ) -> list[RefundOut]:
+        owner = await conn.fetchval("select user_id from orders where id = $1", order_id)
+        if owner != user.id:
+            raise NotFound("Order not found", code="order.not_found")
+        rows = await conn.fetch(
+            f"select {REFUND_FIELDS} from refunds where order_id = $1 order by id", order_id
+        )
+        return await load_refunds(conn, rows)
+
+
+class AdminRefundController(Controller):
+    path = "/api/v1/admin/refunds"
+    tags = ["admin: refunds"]
+    guards = [admin_guard]
+
+    @get("/")
+    async def search(
+        self,
+        admin: AuthAdmin,
+        conn: asyncpg.Connection,
+        status: RefundStatus | None = None,
+        order_id: int | None = None,
+        cursor: str | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    ) -> RefundPage:
+        after = decode_cursor(cursor)
+        rows = await conn.fetch(
+            f"""select {REFUND_FIELDS} from refunds
+                where ($1::text is null or status = $1) and ($2::bigint is null or order_id = $2)
+                  and ($3::bigint is null or id < $3)
+                order by id desc limit $4""",
+            status,
+            order_id,
+            after[0] if after else None,
+            limit + 1,
+        )
+        items = await load_refunds(conn, rows[:limit])
+        return RefundPage(items=items, next_cursor=encode_cursor(items[-1].id) if len(rows) > limit else None)
+
+    @get("/{refund_id:int}")
+    async def detail(self, refund_id: int, admin: AuthAdmin, conn: asyncpg.Connection) -> RefundOut:
+        return await load_refund(conn, refund_id)
+
+    @post("/{refund_id:int}/approve", status_code=200)
+    async def approve(
+        self, refund_id: int, data: ApproveIn, admin: AuthAdmin, conn: asyncpg.Connection
+    ) -> RefundOut:
+        """Approve a refund of a shipped order; `restock` says whether the goods came back."""
+        return await approve_refund(conn, refund_id, data.restock)
+
+    @post("/{refund_id:int}/reject", status_code=200)
+    async def reject(
+        self, refund_id: int, data: RejectIn, admin: AuthAdmin, conn: asyncpg.Connection
+    ) -> RefundOut:
+        return await reject_refund(conn, refund_id, data.reason)

@@ -1,0 +1,1 @@
+"""In-process fakes of outside services (WeChat Pay, mini-program API) for tests."""

@@ -1,0 +1,171 @@
+"""Paying orders: payment attempts, signed notifications (replays, forgeries), and the timeout race."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from shop.orders.service import cancel_expired_orders
+from shop.payments.sandbox import SandboxProvider
+from shop.refunds import process_refunds
+from tests.factories import make_address, make_product, stock_of
+
+
+@pytest.fixture
+async def buyer(db, make_user):
+    user_id, headers = await make_user("buyer")
+    return user_id, headers, await make_address(db, user_id)
+
+
+async def new_order(client, headers, address_id, sku, qty=1):
+    r = await client.post(
+        "/api/v1/orders",
+        json={"items": [{"sku_id": sku, "qty": qty}], "address_id": address_id},
+        headers=headers,
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def open_payment(client, headers, order):
+    r = await client.post(f"/api/v1/orders/{order['id']}/pay", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def signed(settings, payment, *, amount=None, transaction_id="TX1", timestamp=None):
+    provider = SandboxProvider(settings.sandbox_secret)
+    return provider.sign_notification(
+        {
+            "out_trade_no": payment["out_trade_no"],
+            "transaction_id": transaction_id,
+            "amount": payment["amount"] if amount is None else amount,
+        },
+        timestamp=timestamp,
+    )
+
+
+async def notify(client, headers, body):
+    return await client.post("/api/v1/payments/sandbox/notify", content=body, headers=headers)
+
+
+async def test_pay_opens_one_attempt_at_a_time(client, db, buyer):
+    _, headers, address_id = buyer
+    _, (sku,) = await make_product(db, skus=[(2500, 10)])
+    order = await new_order(client, headers, address_id, sku)
+    first = await open_payment(client, headers, order)
+    assert first["provider"] == "sandbox" and first["amount"] == order["payable_amount"]
+    assert first["expires_at"] == order["pay_deadline"]
+    second = await open_payment(client, headers, order)
+    assert second["out_trade_no"] != first["out_trade_no"]
+    rows = await db.fetch("select out_trade_no, status from payments order by id")
+    assert [r["status"] for r in rows] == ["closed", "open"]
+    r = await client.post("/api/v1/orders/999999/pay", headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "order.not_found")
+    r = await client.post(f"/api/v1/orders/{order['id']}/pay")
+    assert r.status_code == 401
+
+
+async def test_notification_replayed_ten_times_pays_once(client, db, settings, buyer):
+    _, headers, address_id = buyer
+    _, (sku,) = await make_product(db, skus=[(2500, 10)])
+    order = await new_order(client, headers, address_id, sku)
+    payment = await open_payment(client, headers, order)
+    h, body = signed(settings, payment)
+    first = await notify(client, h, body)
+    assert first.status_code == 200 and first.json() == {"code": "SUCCESS", "message": "OK"}
+    rest = await asyncio.gather(*(notify(client, h, body) for _ in range(6)))
+    rest += [await notify(client, h, body) for _ in range(3)]
+    assert all(r.status_code == 200 for r in rest)
+    r = await client.get(f"/api/v1/orders/{order['id']}", headers=headers)
+    assert r.json()["status"] == "paid" and r.json()["paid_amount"] == payment["amount"]
+    assert await db.fetchval("select count(*) from order_events where type = 'order.paid'") == 1
+    assert await db.fetchval("select count(*) from payments where status = 'paid'") == 1
+    assert await db.fetchval("select count(*) from refunds") == 0
+
+
+async def test_forged_notifications_are_rejected_and_change_nothing(client, db, settings, buyer):
+    _, headers, address_id = buyer
+    _, (sku,) = await make_product(db, skus=[(2500, 10)])
+    order = await new_order(client, headers, address_id, sku)
+    payment = await open_payment(client, headers, order)
+    h, body = signed(settings, payment)
+    tampered = json.loads(body)
+    tampered["amount"] = 1
+    stale_h, stale_body = signed(settings, payment, timestamp=1_000_000_000)
+    wrong_h, wrong_body = signed(settings, payment, amount=payment["amount"] - 1)
+    forged_h, forged_body = SandboxProvider("not-the-shop-secret-000000").sign_notification(json.loads(body))
+    cases = [
+        (h, json.dumps(tampered).encode(), "bad_signature"),
+        ({}, body, "unsigned"),
+        (stale_h, stale_body, "stale"),
+        (wrong_h, wrong_body, "amount_mismatch"),
+        (forged_h, forged_body, "bad_signature"),
+    ]
+    for case_headers, case_body, reason in cases:
+        r = await notify(client, case_headers, case_body)
+        assert r.status_code == 400 and r.json() == {"code": "FAIL", "message": reason}
+    r = await client.get(f"/api/v1/orders/{order['id']}", headers=headers)
+    assert r.json()["status"] == "pending_payment"
+    assert await db.fetchval("select count(*) from payments where status = 'paid'") == 0
+    # Then the genuine one goes through.
+    assert (await notify(client, h, body)).status_code == 200
+    assert (await client.get(f"/api/v1/orders/{order['id']}", headers=headers)).json()["status"] == "paid"
+
+
+async def test_simulate_is_sandbox_only_and_own_orders_only(client, db, buyer, make_user):
+    _, headers, address_id = buyer
+    _, other = await make_user("other")
+    _, (sku,) = await make_product(db, skus=[(2500, 10)])
+    order = await new_order(client, headers, address_id, sku)
+    r = await client.post(f"/api/v1/payments/sandbox/{order['order_no']}/simulate", headers=other)
+    assert r.status_code == 404
+    r = await client.post(f"/api/v1/payments/sandbox/{order['order_no']}/simulate", headers=headers)
+    assert r.status_code == 200 and r.json()["order_status"] == "paid"
+    r = await client.post("/api/v1/payments/wechatpay/notify", content=b"{}")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "payment.unknown_provider")
+
+
+async def test_payment_racing_timeout_ends_paid_or_cancelled_with_refund(
+    client, app, db, settings, make_user
+):
+    """100 orders: each notification races the timeout cancel; never both, stock always right."""
+    _, (sku,) = await make_product(db, skus=[(1200, 100)])
+    orders = []
+    for i in range(100):
+        user_id, headers = await make_user(f"u{i}")
+        address_id = await make_address(db, user_id)
+        order = await new_order(client, headers, address_id, sku)
+        orders.append((order, await open_payment(client, headers, order)))
+    assert await stock_of(db, sku) == 0
+    await db.execute("update orders set pay_deadline = now() - interval '1 second'")
+    notices = [signed(settings, payment, transaction_id=f"TX{i}") for i, (_, payment) in enumerate(orders)]
+    pool = app.state.pool
+    results = await asyncio.gather(
+        *(notify(client, h, body) for h, body in notices),
+        *(cancel_expired_orders(pool, batch=10) for _ in range(12)),
+    )
+    assert all(r.status_code == 200 for r in results[:100])
+    # Any order the cancellers did not reach yet is cancelled now if unpaid.
+    while await cancel_expired_orders(pool):
+        pass
+    rows = await db.fetch("select id, status from orders")
+    paid = {r["id"] for r in rows if r["status"] == "paid"}
+    cancelled = {r["id"] for r in rows if r["status"] == "cancelled"}
+    assert len(paid) + len(cancelled) == 100
+    # Every cancelled order's payment is being refunded by the system, and only those.
+    refunds = await db.fetch("select order_id, amount, origin from refunds")
+    assert {r["order_id"] for r in refunds} == cancelled
+    assert all(r["origin"] == "system" and r["amount"] == 1200 for r in refunds)
+    assert await stock_of(db, sku) == len(cancelled)
+    events = await db.fetchval("select count(*) from order_events where type = 'order.paid_after_cancel'")
+    assert events == len(cancelled)
+    # The worker sends those refunds once.
+    assert await process_refunds(pool, app.state.providers, batch=200) == len(cancelled)
+    assert await process_refunds(pool, app.state.providers, batch=200) == 0
+    assert await db.fetchval("select count(*) from refunds where status = 'succeeded'") == len(cancelled)
+    assert (
+        await db.fetchval("select count(*) from orders where status = 'cancelled' and paid_amount <> 0") == 0
+    )
