@@ -20,26 +20,11 @@ from shop.errors import render_error
 from shop.health import healthz, readyz
 from shop.keys import Keys
 from shop.observability import metrics
-from shop.payments.service import build_providers
+from shop.payments.service import build_providers, close_providers
 from shop.redis import Scripts, create_redis
-from shop.settings import Settings, load_settings
+from shop.settings import Settings, load_settings, with_default_urls
 
 SWAGGER_DIR = Path(swagger_ui_bundle.__file__).parent / "vendor" / "swagger-ui-4.15.5"
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/shop"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def with_default_urls(settings: Settings) -> Settings:
-    """Fill in the local servers when no URL is configured (the embedded default is `shop dev`'s job)."""
-    import msgspec
-
-    return msgspec.structs.replace(
-        settings,
-        database_url=settings.database_url or DEFAULT_DATABASE_URL,
-        redis_url=settings.redis_url or DEFAULT_REDIS_URL,
-    )
-
-
 def route_handlers() -> list:
     from shop.routes import ROUTES
 
@@ -63,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.providers = build_providers(settings)
             yield
         finally:
+            await close_providers(getattr(app.state, "providers", {}))
             if redis is not None:
                 await redis.aclose()
             await pool.close()
@@ -96,12 +82,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         },
         exception_handlers={Exception: render_error},
         openapi_config=openapi,
-        middleware=[*observability_middleware(settings), connection_middleware],
         on_app_init=[on_app_init_observability(settings)],
         debug=False,
         # Logging is ours (one JSON line per event, shop.observability); Litestar must not replace it.
         logging_config=None,
     )
+    # Outermost, around Litestar's router: 404s and 405s get a request id, a log line and metrics too,
+    # and the request's connection is given back however the request ends.
+    app.asgi_handler = observability_middleware(settings)(connection_middleware(app.asgi_handler))
     app.state.settings = settings
-    app.state.keys = Keys(settings.redis_prefix)
+    app.state.redis_keys = Keys(settings.redis_prefix)
     return app

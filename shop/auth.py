@@ -236,6 +236,10 @@ async def login_shopper(conn: asyncpg.Connection, settings: Settings, data: Logi
             inviter_id=data.inviter_id,
             channel=data.channel,
         )
+        if is_new:
+            from shop.coupons.service import grant_newcomer_coupons
+
+            await grant_newcomer_coupons(conn, user_id)
         row = await conn.fetchrow(SELECT_LOGIN_USER, user_id)
         refresh_token = await insert_refresh_token(conn, settings, user_id, uuid.uuid4())
     return LoginResponse(
@@ -322,8 +326,7 @@ def client_ip(request: Request, settings: Settings) -> str:
 
 async def count_admin_login_attempt(request: Request, settings: Settings) -> None:
     """Fixed-window limit per client IP; INCR first, so parallel guesses cannot slip past a check."""
-    # `state.keys` would be the mapping method: index the state instead.
-    key = request.app.state["keys"].login_bucket(client_ip(request, settings))
+    key = request.app.state.redis_keys.login_bucket(client_ip(request, settings))
     async with request.app.state.redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
         pipe.expire(key, ADMIN_LOGIN_WINDOW, nx=True)

@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 def _settings() -> Settings:
-    from shop.app import with_default_urls
+    from shop.settings import with_default_urls
 
     try:
         return with_default_urls(load_settings())
@@ -160,6 +160,23 @@ def cmd_seed(args: argparse.Namespace) -> None:
     _run(seed(_settings(), verbose=True))
 
 
+def cmd_reconcile(args: argparse.Namespace) -> None:
+    from shop.reconcile import reconcile
+
+    report = _run(reconcile(_settings(), fix=args.fix))
+    for diff in report.found:
+        print(diff)
+    if not report.found:
+        print("redis agrees with postgresql")
+    elif args.fix and not report.remaining:
+        print(f"fixed {len(report.found)} differences")
+    if report.remaining:
+        if args.fix:
+            for diff in report.remaining:
+                print(f"still different: {diff}")
+        sys.exit(1)
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from shop.devserver import run_dev
 
@@ -191,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("seed", help="create the demo store (idempotent)")
     p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("reconcile", help="compare Redis counters with PostgreSQL (exit 1 on differences)")
+    p.add_argument("--fix", action="store_true", help="rewrite the Redis counters from PostgreSQL")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("create-admin", help="create or reset a merchant account")
     p.add_argument("username")

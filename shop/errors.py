@@ -98,6 +98,7 @@ def _validation_details(extra: Any) -> list[dict[str, str]]:
                 field = path.rstrip("`")
             elif " - at `$`" in message:
                 message = message.partition(" - at `$`")[0]
+                field = "body"
             details.append({"field": field or "body", "message": message})
     return details or [{"field": "body", "message": "invalid request"}]
 
@@ -124,6 +125,12 @@ def render_error(request: Request, exc: Exception) -> Response:
         return Response(error_body("unauthorized", exc.detail or "Authentication required"), status_code=401)
     if isinstance(exc, PermissionDeniedException):
         return Response(error_body("forbidden", exc.detail or "Forbidden"), status_code=403)
+    if isinstance(exc, HTTPException) and exc.status_code == 400:
+        # Malformed JSON and the like: bad input, reported like any other validation failure.
+        detail = exc.detail or "invalid request"
+        return Response(
+            error_body("validation_failed", detail, [{"field": "body", "message": detail}]), status_code=422
+        )
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         code = {413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}.get(
             exc.status_code, "bad_request"

@@ -30,3 +30,46 @@ class Keys:
 
     def wechat_access_token_lock(self, appid: str) -> str:
         return self._k(f"wxtoken:{appid}", "lock")
+
+    # Hot paths (shop/hotpath): the streams of one kind the worker persists, one set per kind.
+    def hotpath_streams(self, kind: str) -> str:
+        return self._k(f"hotpath:{kind}", "streams")
+
+    # Coupon claiming: one hash tag per template, so the claim script runs on one shard.
+    def coupon_state(self, template_id: int) -> str:
+        return self._k(f"cpn:{template_id}", "state")
+
+    def coupon_users(self, template_id: int) -> str:
+        return self._k(f"cpn:{template_id}", "users")
+
+    def coupon_claim_key(self, template_id: int, user_id: int, idempotency_key: str | None) -> str:
+        return self._k(f"cpn:{template_id}", "idem", user_id, idempotency_key or "-")
+
+    def coupon_stream(self, template_id: int) -> str:
+        return self._k(f"cpn:{template_id}", "stream")
+
+    # Flash sales: every key of one event shares the hash tag {fs:<event>}, so the purchase
+    # script (and every other script of the event) runs on one Redis Cluster shard.
+    def flash_state(self, event_id: int) -> str:
+        return self._k(f"fs:{event_id}", "state")
+
+    def flash_item(self, event_id: int, item_id: int) -> str:
+        return self._k(f"fs:{event_id}", "item", item_id)
+
+    def flash_bought(self, event_id: int, item_id: int) -> str:
+        return self._k(f"fs:{event_id}", "bought", item_id)
+
+    def flash_idem(self, event_id: int, user_id: int, idempotency_key: str | None) -> str:
+        return self._k(f"fs:{event_id}", "idem", user_id, idempotency_key or "-")
+
+    def flash_user_rate(self, event_id: int, user_id: int) -> str:
+        return self._k(f"fs:{event_id}", "rate", "u", user_id)
+
+    def flash_ip_rate(self, event_id: int, ip: str) -> str:
+        return self._k(f"fs:{event_id}", "rate", "ip", ip)
+
+    def flash_stream(self, event_id: int) -> str:
+        return self._k(f"fs:{event_id}", "stream")
+
+    def flash_returned(self, event_id: int) -> str:
+        return self._k(f"fs:{event_id}", "returned")

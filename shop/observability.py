@@ -32,6 +32,10 @@ from shop.settings import Settings
 log = logging.getLogger("shop.request")
 REQUEST_ID_HEADER = "x-request-id"
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # prometheus_client writes its per-process files there from the first metric on.
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 REQUESTS = Counter("shop_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
     "shop_http_request_duration_seconds",
@@ -79,7 +83,7 @@ def _route_of(scope: Scope) -> str:
     return "unmatched"
 
 
-def observability_middleware(settings: Settings) -> list:
+def observability_middleware(settings: Settings):
     def middleware(app: ASGIApp) -> ASGIApp:
         async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
@@ -134,7 +138,7 @@ def observability_middleware(settings: Settings) -> list:
 
         return wrapped
 
-    return [middleware]
+    return middleware
 
 
 def on_app_init_observability(settings: Settings):

@@ -415,8 +415,13 @@ async def handle_refund_notify(
         )
         return provider.nack(exc.code)
     async with conn.transaction():
+        # Only the provider that took the payment may finish its refund (a sandbox-signed notice
+        # must never settle a WeChat Pay refund).
         refund_id = await conn.fetchval(
-            "select id from refunds where refund_no = $1 for update", notice.refund_no
+            """select r.id from refunds r join payments p on p.id = r.payment_id
+               where r.refund_no = $1 and p.provider = $2 for update of r""",
+            notice.refund_no,
+            provider.name,
         )
         if refund_id is None:
             return provider.nack("unknown_refund")

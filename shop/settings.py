@@ -55,6 +55,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_requests: bool = True
     data_dir: str = ".data"
+    # Flash sales. The purchase token's HMAC key (empty: derived from the JWT signing key).
+    flash_token_secret: str = ""
+    flash_token_ttl: Annotated[int, msgspec.Meta(ge=10, le=86400)] = 1800
+    # How long an API process answers "sold out" from memory before asking Redis again.
+    flash_sold_out_seconds: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
+    # Fault injection for tests: pause this long between the Lua reservation and the PostgreSQL
+    # write. Ignored when env is production (shop/flash_sale/service.py).
+    flash_fault_pause_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -124,3 +132,16 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: object) ->
         match = re.search(r"at `\$\.(\w+)`", text)
         var = f"SHOP_{match.group(1).upper()}" if match else "settings"
         raise SettingsError(f"{var}: {text.split(' - at')[0]}") from exc
+
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/shop"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def with_default_urls(settings: Settings) -> Settings:
+    """Fill in the local servers when no URL is configured (the embedded default is `shop dev`'s job)."""
+    return msgspec.structs.replace(
+        settings,
+        database_url=settings.database_url or DEFAULT_DATABASE_URL,
+        redis_url=settings.redis_url or DEFAULT_REDIS_URL,
+    )

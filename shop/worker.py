@@ -21,13 +21,19 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from shop.keys import Keys
-from shop.payments.service import build_providers
+from shop.payments.service import build_providers, close_providers
 from shop.settings import Settings
 
 log = logging.getLogger("shop.worker")
 
 # Modules whose import registers jobs with @periodic; a domain that adds jobs adds its module here.
-JOB_MODULES: list[str] = ["shop.worker", "shop.orders.jobs"]
+JOB_MODULES: list[str] = [
+    "shop.worker",
+    "shop.orders.jobs",
+    "shop.payments.shipping_info",
+    "shop.hotpath.jobs",
+    "shop.coupons.jobs",
+]
 # On shutdown a run in progress gets this long to finish before it is cancelled.
 SHUTDOWN_GRACE_SECONDS = 30.0
 
@@ -133,12 +139,12 @@ async def run_worker(
         loop.add_signal_handler(signum, stopping.set)
     pool = await create_pool(settings)
     redis = None
+    providers: dict = {}
     try:
         await check_migrated(pool)
         redis = create_redis(settings.redis_url)
-        ctx = JobContext(
-            settings, pool, redis, Scripts(redis), Keys(settings.redis_prefix), build_providers(settings)
-        )
+        providers = build_providers(settings)
+        ctx = JobContext(settings, pool, redis, Scripts(redis), Keys(settings.redis_prefix), providers)
         log.info("worker started", extra={"fields": {"jobs": [job.name for job in jobs]}})
         runners = [asyncio.create_task(_run_periodically(job, ctx, stopping), name=job.name) for job in jobs]
         await stopping.wait()
@@ -151,6 +157,7 @@ async def run_worker(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        await close_providers(providers)
         if redis is not None:
             await redis.aclose()
         await pool.close()

@@ -38,6 +38,8 @@ def servers() -> EmbeddedServers:
         os.environ.get("SHOP_TEST_DATABASE_URL", ""),
         os.environ.get("SHOP_TEST_REDIS_URL", ""),
         data_dir=os.environ.get("SHOP_TEST_DATA_DIR", ".data/test"),
+        # SHOP_TEST_EMBEDDED=1: throwaway servers from pip packages even when 5432/6379 answer.
+        force_embedded=os.environ.get("SHOP_TEST_EMBEDDED") == "1",
     )
     yield found
     found.stop()

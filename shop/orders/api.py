@@ -48,16 +48,32 @@ class CheckoutController(Controller):
 
     @post("/checkout/preview", status_code=200)
     async def preview(self, data: CheckoutIn, user: AuthUser, conn: asyncpg.Connection) -> CheckoutOut:
-        """Price a cart from the database: lines, totals, shipping fee; nothing is reserved."""
+        """Price a cart from the database: lines, totals, shipping fee, applicable coupons; nothing is reserved."""
+        from shop.coupons.service import apply_coupon, coupons_for_cart
+
         lines = await service.price_lines(conn, data.items)
         items_amount = sum(line.line_amount for line in lines)
         fee = await service.shipping_fee_for(conn, items_amount)
+        usable, _ = await coupons_for_cart(conn, user.id, lines, fee)
+        if data.coupon_id is not None:
+            lines = await apply_coupon(conn, user.id, data.coupon_id, lines, fee)
+        discount = sum(line.discount_amount for line in lines)
         return CheckoutOut(
             lines=lines,
             items_amount=items_amount,
             shipping_fee=fee,
-            discount_amount=0,
-            payable_amount=items_amount + fee,
+            discount_amount=discount,
+            payable_amount=items_amount - discount + fee,
+            discounts=[
+                {
+                    "coupon_id": c.coupon.id,
+                    "name": c.coupon.name,
+                    "discount_amount": c.discount_amount,
+                    "payable_amount": c.payable_amount,
+                }
+                for c in usable
+            ],
+            coupon_id=data.coupon_id,
         )
 
     @post("/orders")

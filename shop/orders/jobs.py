@@ -31,4 +31,4 @@ async def send_refunds(ctx: JobContext) -> int:
 
 @periodic("close_abandoned_payments", every_seconds=10)
 async def close_payments(ctx: JobContext) -> int:
-    return await sync_payment_closes(ctx.pool, ctx.providers)
+    return await sync_payment_closes(ctx.pool, ctx.settings, ctx.providers)

@@ -27,12 +27,15 @@ Lines = Annotated[list[LineIn], msgspec.Meta(min_length=1, max_length=50)]
 class CheckoutIn(Schema):
     items: Lines
     address_id: Id | None = None
+    # Price with this coupon (else the applicable coupons are listed in `discounts`).
+    coupon_id: Id | None = None
 
 
 class OrderIn(Schema):
     items: Lines
     address_id: Id
     remark: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    coupon_id: Id | None = None
 
 
 class PricedLine(Schema):
@@ -55,8 +58,9 @@ class CheckoutOut(Schema):
     shipping_fee: int
     discount_amount: int
     payable_amount: int
-    # Filled by later features (coupons): each applicable discount and the price with it.
+    # The shopper's applicable coupons, best first: coupon_id, name, discount_amount, payable_amount.
     discounts: list[dict[str, Any]] = []
+    coupon_id: int | None = None
 
 
 class OrderLineOut(Schema):
@@ -107,6 +111,7 @@ class OrderOut(Schema):
     cancel_reason: str | None
     payment_provider: str | None
     created_at: datetime
+    coupon_id: int | None = None
     lines: list[OrderLineOut] = []
     shipments: list[ShipmentOut] = []
 

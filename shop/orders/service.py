@@ -24,7 +24,7 @@ AfterCommit = Callable[[], Awaitable[None]]
 
 ORDER_FIELDS = """id, order_no, user_id, kind, activity_id, status, items_amount, discount_amount,
     shipping_fee, payable_amount, paid_amount, refunded_amount, address, remark, pay_deadline, paid_at,
-    shipped_at, auto_confirm_at, completed_at, cancelled_at, cancel_reason, payment_provider, created_at"""
+    shipped_at, auto_confirm_at, completed_at, cancelled_at, cancel_reason, payment_provider, created_at, coupon_id"""
 
 
 # ---------------------------------------------------------------- numbers
@@ -95,6 +95,14 @@ def allocate_discount(amounts: Sequence[int], discount: int) -> list[int]:
     discount = min(discount, total)
     shares = [discount * a // total for a in amounts[:-1]]
     shares.append(discount - sum(shares))
+    # A small last line cannot take more than its amount: the excess moves to earlier lines with room.
+    excess, i = shares[-1] - amounts[-1], len(amounts) - 2
+    while excess > 0:
+        take = min(excess, amounts[i] - shares[i])
+        shares[i] += take
+        shares[-1] -= take
+        excess -= take
+        i -= 1
     return shares
 
 
@@ -187,12 +195,21 @@ async def place_order(conn: asyncpg.Connection, settings: Settings, user_id: int
 
     lines = await price_lines(conn, body.items)
     address = await get_address_snapshot(conn, user_id, body.address_id)
-    await take_sku_stock(conn, lines)
     items_amount = sum(line.line_amount for line in lines)
     fee = await shipping_fee_for(conn, items_amount)
+    if body.coupon_id is not None:
+        from shop.coupons.service import apply_coupon
+
+        lines = await apply_coupon(conn, user_id, body.coupon_id, lines, fee)
+    await take_sku_stock(conn, lines)
     order_id = await create_order(
         conn, settings, user_id=user_id, lines=lines, address=address, shipping_fee=fee, remark=body.remark
     )
+    if body.coupon_id is not None:
+        from shop.coupons.service import lock_coupon
+
+        # After the SKU rows: every writer locks SKUs before coupons (cancel does too), so no deadlock.
+        await lock_coupon(conn, body.coupon_id, user_id, order_id)
     return await load_order(conn, order_id)
 
 
@@ -332,7 +349,7 @@ async def cancel_order(
     order = await conn.fetchrow(
         """update orders set status = 'cancelled', cancelled_at = now(), cancel_reason = $3, updated_at = now()
            where id = $1 and status = 'pending_payment' and ($2::bigint is null or user_id = $2)
-           returning id, kind, activity_id, user_id""",
+           returning id, kind, activity_id, user_id, coupon_id""",
         order_id,
         user_id,
         reason,
@@ -341,6 +358,11 @@ async def cancel_order(
         raise await _illegal(conn, order_id, user_id, "cancel")
     units = await conn.fetch("select sku_id, qty from order_lines where order_id = $1", order_id)
     after = await give_back_units(conn, order, [(r["sku_id"], r["qty"]) for r in units])
+    if order["coupon_id"] is not None:
+        from shop.coupons.service import release_order_coupon
+
+        # After the SKU rows (same lock order as placing), guarded by this one status change.
+        await release_order_coupon(conn, order_id)
     # The provider's close-order call happens in the worker (close_synced = false marks it due).
     await conn.execute(
         "update payments set status = 'closed', closed_at = now() where order_id = $1 and status = 'open'",

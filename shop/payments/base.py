@@ -59,8 +59,8 @@ class PaymentProvider(Protocol):
     async def prepay(self, attempt: PaymentAttempt) -> tuple[str | None, dict[str, Any]]:
         """Open the payment at the provider: (provider's prepay id, the client's pay parameters)."""
 
-    async def close(self, out_trade_no: str) -> None:
-        """Close an unpaid payment so it can no longer be paid."""
+    async def close(self, out_trade_no: str) -> PaidNotice | None:
+        """Close an unpaid payment so it can no longer be paid; a PaidNotice if it turns out paid already."""
 
     async def refund(
         self, *, refund_no: str, out_trade_no: str, amount: int, total: int, reason: str

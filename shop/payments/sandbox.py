@@ -64,7 +64,7 @@ class SandboxProvider:
         prepay_id = f"sbx_{attempt.out_trade_no}"
         return prepay_id, {"sandbox": True, "prepay_id": prepay_id, "out_trade_no": attempt.out_trade_no}
 
-    async def close(self, out_trade_no: str) -> None:
+    async def close(self, out_trade_no: str) -> PaidNotice | None:
         return None
 
     async def refund(

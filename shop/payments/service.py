@@ -186,9 +186,13 @@ async def handle_paid_notify(
 
 
 async def sync_payment_closes(
-    pool: asyncpg.Pool, providers: Mapping[str, PaymentProvider], batch: int = 50
+    pool: asyncpg.Pool, settings: Settings, providers: Mapping[str, PaymentProvider], batch: int = 50
 ) -> int:
-    """Close at the provider every payment we closed locally (order cancelled or superseded)."""
+    """Close at the provider every payment we closed locally (order cancelled or superseded).
+
+    A payment the provider reports as paid after all is applied like its notification would be:
+    the order is cancelled, so the money is refunded.
+    """
     done = 0
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
@@ -201,9 +205,11 @@ async def sync_payment_closes(
             if provider is None:
                 continue
             try:
-                await provider.close(row["out_trade_no"])
-            except ProviderError:
-                log.warning("closing payment %s failed; retried later", row["out_trade_no"])
+                paid = await provider.close(row["out_trade_no"])
+                if paid is not None:
+                    await apply_paid_notice(conn, settings, provider.name, paid)
+            except (ProviderError, NotifyRejected) as exc:
+                log.warning("closing payment %s failed (%s); retried later", row["out_trade_no"], exc)
                 continue
             await conn.execute("update payments set close_synced = true where id = $1", row["id"])
             done += 1
@@ -217,4 +223,18 @@ def build_providers(settings: Settings) -> dict[str, PaymentProvider]:
     providers: dict[str, PaymentProvider] = {}
     if settings.env != "production":
         providers["sandbox"] = SandboxProvider(settings.sandbox_secret)
+    if settings.wechatpay_mchid:
+        from shop.payments.wechatpay import WeChatPayConfig
+        from shop.payments.wechatpay_provider import WeChatPayProvider
+
+        # Raises WeChatPayConfigError naming the missing or bad SHOP_WECHATPAY_* value: start-up fails.
+        providers["wechatpay"] = WeChatPayProvider.from_config(WeChatPayConfig.from_settings(settings))
     return providers
+
+
+async def close_providers(providers: Mapping[str, PaymentProvider]) -> None:
+    """Close the providers' HTTP clients (app and worker shutdown)."""
+    for provider in providers.values():
+        aclose = getattr(provider, "aclose", None)
+        if aclose is not None:
+            await aclose()

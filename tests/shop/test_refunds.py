@@ -170,3 +170,25 @@ async def test_refund_of_unpaid_or_foreign_order(client, db, make_user):
     assert (r.status_code, r.json()["error"]["code"]) == (404, "order.not_found")
     r = await client.get(f"/api/v1/orders/{order['id']}/refunds", headers=other)
     assert r.status_code == 404
+
+
+async def test_refund_notification_only_from_the_paying_provider(client, app, db, settings, paid_order):
+    from shop.payments.sandbox import SandboxProvider
+
+    order, headers, _, _ = paid_order
+    refund_id = (await refund(client, headers, order, {"reason": "x"})).json()["id"]
+    refund_no = await db.fetchval(
+        "update refunds set status = 'processing' where id = $1 returning refund_no", refund_id
+    )
+    sandbox = SandboxProvider(settings.sandbox_secret)
+    h, body = sandbox.sign_notification({"refund_no": refund_no, "refund_id": "SBXR1", "status": "SUCCESS"})
+    # Pretend the money was taken by WeChat Pay: a sandbox-signed notice must not settle it.
+    await db.execute("update payments set provider = 'wechatpay' where order_id = $1", order["id"])
+    r = await client.post("/api/v1/payments/sandbox/refund-notify", content=body, headers=h)
+    assert r.status_code == 400 and r.json()["message"] == "unknown_refund"
+    assert await db.fetchval("select status from refunds where id = $1", refund_id) == "processing"
+    await db.execute("update payments set provider = 'sandbox' where order_id = $1", order["id"])
+    r = await client.post("/api/v1/payments/sandbox/refund-notify", content=body, headers=h)
+    assert r.status_code == 200
+    assert await db.fetchval("select status from refunds where id = $1", refund_id) == "succeeded"
+    assert (await get_order(client, headers, order))["status"] == "refunded"

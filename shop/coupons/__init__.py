@@ -1,0 +1,1 @@
+"""Coupons: templates, claiming, grants, redemption."""

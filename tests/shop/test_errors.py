@@ -1,0 +1,64 @@
+"""One error envelope for everything: domain errors, validation, unknown routes, and crashes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from litestar import get
+
+
+async def test_validation_errors_are_422_with_field_details(client, make_user):
+    _, headers = await make_user()
+    r = await client.post(
+        "/api/v1/checkout/preview", json={"items": [{"sku_id": "x", "qty": 1}]}, headers=headers
+    )
+    assert r.status_code == 422
+    body = r.json()["error"]
+    assert body["code"] == "validation_failed"
+    assert body["details"] == [{"field": "items[0].sku_id", "message": "Expected `int`, got `str`"}]
+    r = await client.post(
+        "/api/v1/checkout/preview", json={"items": [{"sku_id": 1, "qty": 1}], "coupon": 1}, headers=headers
+    )
+    assert r.status_code == 422 and "coupon" in r.json()["error"]["details"][0]["message"]
+    r = await client.post("/api/v1/checkout/preview", content=b"{not json", headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_failed"
+    r = await client.get("/api/v1/orders", params={"limit": 0}, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "limit"
+
+
+async def test_unexpected_errors_leak_nothing(app, client):
+    @get("/boom", sync_to_thread=False)
+    def boom() -> None:
+        raise RuntimeError("select secret_column from internal_table")
+
+    app.register(boom)
+    r = await client.get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal_error", "message": "Internal server error"}}
+    assert "secret_column" not in r.text and "Traceback" not in r.text
+
+
+async def test_one_structured_log_line_per_request(settings, db, caplog):
+    import httpx
+    import msgspec
+
+    from shop.app import create_app
+    from shop.observability import JsonFormatter
+    from tests.conftest import running
+
+    app = create_app(msgspec.structs.replace(settings, log_requests=True))
+    caplog.set_level(logging.INFO, logger="shop.request")
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+            r = await client.get("/healthz", headers={"X-Request-Id": "req-42"})
+            generated = await client.get("/api/v1/nothing-here")
+    assert r.headers["x-request-id"] == "req-42"
+    records = [rec for rec in caplog.records if rec.name == "shop.request"]
+    assert len(records) == 2
+    first = json.loads(JsonFormatter().format(records[0]))
+    assert first["request_id"] == "req-42" and first["route"] == "/healthz" and first["status"] == 200
+    assert first["method"] == "GET" and first["ms"] >= 0
+    second = json.loads(JsonFormatter().format(records[1]))
+    assert second["request_id"] == generated.headers["x-request-id"] and second["status"] == 404

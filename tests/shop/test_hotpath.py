@@ -1,0 +1,167 @@
+"""The hot-path machinery: group commit, the worker's consumer group, XAUTOCLAIM, trimming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from shop.coupons.service import persist_claims
+from shop.hotpath import (
+    GROUP,
+    GroupCommitter,
+    Reservation,
+    encode_payload,
+    new_reservation_id,
+    persist_stream,
+    registered_streams,
+)
+from shop.hotpath.jobs import persist_all_streams
+from shop.keys import Keys
+from shop.worker import JobContext
+from tests.shop.test_coupons import claim, make_template, many_users
+
+
+def ctx_of(app) -> JobContext:
+    state = app.state
+    return JobContext(
+        state.settings, state.pool, state.redis, state.scripts, Keys(state.settings.redis_prefix)
+    )
+
+
+async def reserve_without_persisting(app, template_id: int, user_id: int) -> str:
+    """What an API process that died right after the script leaves behind: an entry, no row."""
+    keys = Keys(app.state.settings.redis_prefix)
+    rid = new_reservation_id()
+    now = time.time_ns() // 1_000_000
+    reply = await app.state.scripts.claim_coupon(
+        keys=[
+            keys.coupon_state(template_id),
+            keys.coupon_users(template_id),
+            keys.coupon_claim_key(template_id, user_id, None),
+            keys.coupon_stream(template_id),
+        ],
+        args=[now, user_id, rid, encode_payload({"t": template_id, "at": now}), "0", 60],
+    )
+    assert reply[0] == "ok"
+    return rid
+
+
+async def test_group_commit_writes_concurrent_winners_in_few_statements(
+    app, client, db, settings, admin_headers
+):
+    template = await make_template(client, admin_headers, total_quantity=None)
+    users = await many_users(db, settings, 150)
+    statements = []
+
+    async def counting_persist(conn, entries):
+        statements.append(len(entries))
+        await persist_claims(conn, entries)
+
+    committer = GroupCommitter(app.state.pool, counting_persist, max_batch=100, max_wait=0.005)
+    now = 1_700_000_000_000
+    reservations = [Reservation(new_reservation_id(), u, {"t": template["id"], "at": now}) for u, _ in users]
+
+    async def write_then_look(reservation):
+        await committer.write(reservation)
+        # Answered only once the row is committed: visible from another connection right away.
+        async with app.state.pool.acquire() as conn:
+            return await conn.fetchval("select count(*) from coupons where code = $1", reservation.id)
+
+    seen = await asyncio.gather(*(write_then_look(r) for r in reservations))
+    assert seen == [1] * 150
+    assert sorted(statements) == [50, 100]
+    # Writing the same reservations again (the worker after the API) changes nothing.
+    await asyncio.gather(*(committer.write(r) for r in reservations[:10]))
+    assert await db.fetchval("select count(*) from coupons") == 150
+
+
+async def test_group_commit_failure_reaches_every_waiter(app, client):
+    async def broken(conn, entries):
+        await conn.execute("select 1 / 0")
+
+    committer = GroupCommitter(app.state.pool, broken, max_wait=0.001)
+    results = await asyncio.gather(
+        *(committer.write(Reservation(str(i), 1)) for i in range(5)), return_exceptions=True
+    )
+    assert len(results) == 5 and all(type(r).__name__ == "DivisionByZeroError" for r in results)
+
+
+async def test_worker_persists_a_reservation_the_api_died_on_exactly_once(
+    app, client, db, admin_headers, make_user
+):
+    user_id, headers = await make_user()
+    template = await make_template(client, admin_headers, per_user_limit=5)
+    keys = Keys(app.state.settings.redis_prefix)
+    stream = keys.coupon_stream(template["id"])
+    # Activation registered the stream and created its consumer group.
+    assert await registered_streams(app.state.redis, keys, "coupon") == [stream]
+    assert (await claim(client, headers, template["id"])).status_code == 201  # the API wrote this one
+    rid = await reserve_without_persisting(app, template["id"], user_id)
+    assert await db.fetchval("select count(*) from coupons where code = $1", rid) == 0
+    ctx = ctx_of(app)
+    assert await persist_all_streams(ctx) == 2  # both entries; the API's own is a no-op
+    assert await db.fetchval("select count(*) from coupons where code = $1", rid) == 1
+    assert await db.fetchval("select count(*) from coupons") == 2
+    assert await persist_all_streams(ctx) == 0
+    assert await db.fetchval("select count(*) from coupons") == 2
+    # Everything is acknowledged, so the stream was trimmed down to (at most) the last entry.
+    assert (await app.state.redis.xpending(stream, GROUP))["pending"] == 0
+    assert await app.state.redis.xlen(stream) <= 1
+    row = await db.fetchrow(
+        "select user_id, source, valid_until - valid_from as span from coupons where code = $1", rid
+    )
+    assert (row["user_id"], row["source"], row["span"].days) == (user_id, "claim", 7)
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_after_the_idle_time(
+    app, client, db, admin_headers, make_user
+):
+    user_id, _ = await make_user()
+    template = await make_template(client, admin_headers, per_user_limit=5)
+    redis = app.state.redis
+    stream = Keys(app.state.settings.redis_prefix).coupon_stream(template["id"])
+    rids = [await reserve_without_persisting(app, template["id"], user_id) for _ in range(3)]
+    # A worker reads them and dies before persisting or acknowledging.
+    read = await redis.xreadgroup(GROUP, "dead-worker", {stream: ">"}, count=10)
+    assert len(read[0][1]) == 3
+    pool = app.state.pool
+    # Not idle long enough: another consumer leaves them alone.
+    assert await persist_stream(redis, pool, "coupon", stream, consumer="alive", min_idle_ms=60_000) == 0
+    assert await db.fetchval("select count(*) from coupons") == 0
+    # The pending entries hold back trimming.
+    assert await redis.xlen(stream) == 3
+    await asyncio.sleep(0.02)
+    assert await persist_stream(redis, pool, "coupon", stream, consumer="alive", min_idle_ms=10) == 3
+    assert {r["code"] for r in await db.fetch("select code from coupons")} == set(rids)
+    assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
+async def test_a_lost_consumer_group_is_recreated_from_the_first_entry(
+    app, client, db, admin_headers, make_user
+):
+    user_id, _ = await make_user()
+    template = await make_template(client, admin_headers, per_user_limit=5)
+    redis = app.state.redis
+    stream = Keys(app.state.settings.redis_prefix).coupon_stream(template["id"])
+    await redis.xgroup_destroy(stream, GROUP)
+    rid = await reserve_without_persisting(app, template["id"], user_id)
+    assert await persist_stream(redis, app.state.pool, "coupon", stream, consumer="w") == 1
+    assert await db.fetchval("select count(*) from coupons where code = $1", rid) == 1
+
+
+async def test_claims_keep_working_while_the_worker_runs(app, client, db, settings, admin_headers):
+    template = await make_template(client, admin_headers, total_quantity=50)
+    users = await many_users(db, settings, 80)
+    ctx = ctx_of(app)
+
+    async def worker():
+        for _ in range(3):
+            await persist_all_streams(ctx)
+            await asyncio.sleep(0)
+
+    results, _ = await asyncio.gather(
+        asyncio.gather(*(claim(client, h, template["id"]) for _, h in users)), worker()
+    )
+    await persist_all_streams(ctx)
+    assert [r.status_code for r in results].count(201) == 50
+    assert await db.fetchval("select count(*) from coupons") == 50
