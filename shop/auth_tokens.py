@@ -90,6 +90,14 @@ async def provide_admin(request: Request) -> AuthAdmin:
         raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
 
 
-def admin_guard(connection, _handler) -> None:
-    """Controller-level guard for /api/v1/admin/*: nothing under it runs without a merchant token."""
-    decode_access_token(connection.app.state.settings, _bearer(connection), AUD_ADMIN)
+async def admin_guard(connection, _handler) -> None:
+    """Controller-level guard for /api/v1/admin/*: a merchant token of an account that is still active."""
+    claims = decode_access_token(connection.app.state.settings, _bearer(connection), AUD_ADMIN)
+    try:
+        admin_id = int(claims["sub"])
+    except ValueError as exc:
+        raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
+    # A disabled account loses access at once, not when its access token expires.
+    active = await connection.app.state.pool.fetchval("select is_active from admins where id = $1", admin_id)
+    if not active:
+        raise Unauthorized("This merchant account is disabled or gone", code="auth.account_disabled")

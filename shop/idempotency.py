@@ -11,15 +11,19 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
 from litestar import Response
+from litestar.params import Parameter
 
 from shop.errors import ValidationFailed
 
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+# The header parameter every mutating shopper route takes.
+IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
 
 
 class Outcome(msgspec.Struct, frozen=True):

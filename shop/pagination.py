@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from litestar.params import Parameter
 
 from shop.errors import ValidationFailed
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+
+# The `?limit=` parameter of every list.
+Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
 
 
 def encode_cursor(*values: Any) -> str:

@@ -20,7 +20,7 @@ from litestar.params import Parameter
 from shop.auth_tokens import AuthAdmin, AuthUser, admin_guard
 from shop.errors import Conflict, NotFound, ValidationFailed
 from shop.events import record_event
-from shop.idempotency import idempotent_response, run_idempotent
+from shop.idempotency import IdempotencyKey, idempotent_response, run_idempotent
 from shop.orders.service import business_no, give_back_units, run_after_commit
 from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
 from shop.payments.base import NotifyRejected, PaymentProvider, ProviderError
@@ -437,8 +437,6 @@ async def handle_refund_notify(
 
 
 # ---------------------------------------------------------------- routes
-
-IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
 
 
 class RefundController(Controller):

@@ -154,12 +154,19 @@ async def seed_catalog(conn: asyncpg.Connection) -> int:
 
 
 async def seed(settings: Settings, verbose: bool = False) -> dict[str, int | bool]:
-    """Create the demo admin and catalog where missing (safe to run again)."""
+    """Create the demo admin, catalog and a claimable coupon where missing (safe to run again)."""
+    from shop.coupons.service import seed_demo_coupons
+    from shop.keys import Keys
+    from shop.redis import Scripts, create_redis
+
     conn = await connect(settings)
+    redis = create_redis(settings.redis_url)
     try:
         admin_created = await ensure_admin(conn, *DEMO_ADMIN)
         products_created = await seed_catalog(conn)
+        coupons_created = await seed_demo_coupons(conn, redis, Scripts(redis), Keys(settings.redis_prefix))
     finally:
+        await redis.aclose()
         await conn.close()
     if verbose:
         user, password = DEMO_ADMIN
@@ -173,4 +180,5 @@ async def seed(settings: Settings, verbose: bool = False) -> dict[str, int | boo
             if products_created
             else "demo catalog: already present"
         )
-    return {"admin_created": admin_created, "products_created": products_created}
+        print("demo coupon: created" if coupons_created else "demo coupon: already present")
+    return {"admin_created": admin_created, "products_created": products_created, "coupons_created": coupons_created}

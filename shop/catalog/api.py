@@ -30,9 +30,8 @@ from shop.catalog.schemas import (
     StockLedgerEntry,
     StockLedgerPage,
 )
-from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from shop.pagination import DEFAULT_LIMIT, Limit
 
-Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
 Keyword = Annotated[str | None, Parameter(max_length=50)]
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import asyncpg
 import msgspec
 from litestar import Controller, Request, Response, get, post, put
-from litestar.params import Parameter
 
 from shop.auth_tokens import AuthAdmin, AuthUser, admin_guard
 from shop.coupons import queries, service
@@ -28,13 +25,10 @@ from shop.coupons.schemas import (
 from shop.db import provide_conn
 from shop.errors import NotFound, ShopError
 from shop.hotpath import hotpath_of
-from shop.idempotency import check_key
+from shop.idempotency import IdempotencyKey, check_key
 from shop.keys import Keys
 from shop.orders.service import price_lines, shipping_fee_for
-from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
-
-IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
-Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
+from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
 
 
 def _keys(state) -> Keys:

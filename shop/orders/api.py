@@ -9,7 +9,7 @@ from litestar import Controller, Request, Response, get, post, put
 from litestar.params import Parameter
 
 from shop.auth_tokens import AuthAdmin, AuthUser, admin_guard
-from shop.idempotency import idempotent_response, run_idempotent
+from shop.idempotency import IdempotencyKey, idempotent_response, run_idempotent
 from shop.orders import service
 from shop.orders.schemas import (
     CheckoutIn,
@@ -21,10 +21,7 @@ from shop.orders.schemas import (
     ShipIn,
     ShippingRuleIO,
 )
-from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
-
-IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
-Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
+from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
 
 
 async def _page(conn, *, user_id, status, cursor, limit, query=None) -> OrderPage:

@@ -273,6 +273,9 @@ async def test_disabled_admin_is_refused_and_create_admin_reactivates(client, db
     r = await client.get("/api/v1/admin/auth/me", headers=bearer(token))
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "auth.account_disabled"
+    # Every merchant route refuses the still-unexpired token of a disabled account.
+    r = await client.get("/api/v1/admin/orders", headers=bearer(token))
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "auth.account_disabled")
 
     # `shop create-admin` resets the password and re-enables the account.
     assert await create_admin(settings, "manager", "a-brand-new-secret") == admin_id

@@ -12,14 +12,19 @@ COUNTS = """select (select count(*) from categories) as categories, (select coun
                    (select count(*) from admins) as admins"""
 
 
-async def test_seed_is_idempotent_and_browsable(settings, db, client):
+async def test_seed_is_idempotent_and_browsable(settings, db, client, make_user):
     first = await seed(settings)
-    assert first == {"admin_created": True, "products_created": first["products_created"]}
+    assert first == {"admin_created": True, "products_created": first["products_created"], "coupons_created": 1}
     assert first["products_created"] >= 12
     counts = dict(await db.fetchrow(COUNTS))
 
     again = await seed(settings)
-    assert again == {"admin_created": False, "products_created": 0}
+    assert again == {"admin_created": False, "products_created": 0, "coupons_created": 0}
+    # The demo coupon is live in Redis and claimable by a shopper.
+    template_id = await db.fetchval("select id from coupon_templates where status = 'active'")
+    _, headers = await make_user()
+    r = await client.post(f"/api/v1/coupons/templates/{template_id}/claim", headers=headers)
+    assert r.status_code == 201, r.text
     assert dict(await db.fetchrow(COUNTS)) == counts
 
     username, password = DEMO_ADMIN
