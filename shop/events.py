@@ -82,18 +82,22 @@ def _backoff(attempts: int) -> timedelta:
 
 
 async def dispatch_order_events(pool: asyncpg.Pool, ctx: Any, batch: int = 100) -> int:
-    """Deliver due events to their handlers; returns how many events were fully dispatched."""
+    """Deliver due events to their handlers; returns how many events were fully dispatched.
+
+    One short transaction per event: a slow handler (an HTTP upload) holds only its own event,
+    and SKIP LOCKED lets several workers split the backlog.
+    """
     done = 0
     async with pool.acquire() as conn:
-        # SKIP LOCKED: several workers split the backlog instead of queueing behind each other.
-        async with conn.transaction():
-            rows = await conn.fetch(
-                """select id, order_id, type, payload, attempts from order_events
-                   where dispatched_at is null and next_attempt_at <= now()
-                   order by id limit $1 for update skip locked""",
-                batch,
-            )
-            for row in rows:
+        for _ in range(batch):
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    """select id, order_id, type, payload, attempts from order_events
+                       where dispatched_at is null and next_attempt_at <= now()
+                       order by next_attempt_at, id limit 1 for update skip locked"""
+                )
+                if row is None:
+                    break
                 event = OrderEvent(row["id"], row["order_id"], row["type"], row["payload"])
                 failed = None
                 for name, handler in HANDLERS.get(event.type, []):

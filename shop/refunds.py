@@ -220,9 +220,7 @@ async def request_refund(
     if full and order["status"] == "paid":
         total += order["shipping_fee"]  # nothing was shipped: shipping is refunded too
     auto = order["status"] == "paid"
-    payment_id = await conn.fetchval(
-        "select id from payments where order_id = $1 and status = 'paid' order by paid_at limit 1", order_id
-    )
+    payment_id = await conn.fetchval("select paid_payment_id from orders where id = $1", order_id)
     refund_id = await conn.fetchval(
         """insert into refunds (refund_no, order_id, user_id, payment_id, status, origin, reason, amount, restock,
                decided_at, next_attempt_at)
@@ -358,15 +356,22 @@ async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refun
 async def process_refunds(
     pool: asyncpg.Pool, providers: Mapping[str, PaymentProvider], batch: int = 20
 ) -> int:
-    """Send due refunds to the provider; failures are retried with backoff (idempotent on refund_no)."""
+    """Send due refunds to the provider; failures are retried with backoff (idempotent on refund_no).
+
+    Due refunds are leased (next_attempt_at pushed ahead) in one short statement, so no row lock
+    is held while the provider is called, and another worker does not pick them up meanwhile.
+    """
     done = 0
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn:
         rows = await conn.fetch(
-            """select r.id, r.refund_no, r.amount, r.reason, r.attempts, p.provider, p.out_trade_no,
-                      p.amount as total
-               from refunds r join payments p on p.id = r.payment_id
-               where r.status in ('approved', 'processing') and r.next_attempt_at <= now()
-               order by r.next_attempt_at limit $1 for update of r skip locked""",
+            """update refunds r set next_attempt_at = now() + interval '2 minutes'
+               from payments p
+               where r.id in (select id from refunds where status in ('approved', 'processing')
+                                and next_attempt_at <= now()
+                              order by next_attempt_at limit $1 for update skip locked)
+                 and p.id = r.payment_id
+               returning r.id, r.refund_no, r.amount, r.reason, r.attempts, p.provider, p.out_trade_no,
+                         p.amount as total""",
             batch,
         )
         for row in rows:
@@ -384,23 +389,25 @@ async def process_refunds(
             except ProviderError as exc:
                 await conn.execute(
                     """update refunds set attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3
-                       where id = $1""",
+                       where id = $1 and status in ('approved', 'processing')""",
                     row["id"],
                     str(exc)[:500],
                     _backoff(row["attempts"] + 1),
                 )
                 continue
-            if result.status == "succeeded":
+            async with conn.transaction():
                 await conn.execute("update refunds set attempts = attempts + 1 where id = $1", row["id"])
-                done += await finish_refund(conn, row["id"], result.provider_refund_id)
-            else:
-                # The provider's refund notify finishes it; until then ask again now and then.
-                await conn.execute(
-                    """update refunds set status = 'processing', attempts = attempts + 1, provider_refund_id = $2,
-                           next_attempt_at = now() + interval '60 seconds' where id = $1""",
-                    row["id"],
-                    result.provider_refund_id,
-                )
+                if result.status == "succeeded":
+                    done += await finish_refund(conn, row["id"], result.provider_refund_id)
+                else:
+                    # The provider's refund notify finishes it; until then ask again now and then.
+                    await conn.execute(
+                        """update refunds set status = 'processing', provider_refund_id = $2,
+                               next_attempt_at = now() + interval '60 seconds'
+                           where id = $1 and status in ('approved', 'processing')""",
+                        row["id"],
+                        result.provider_refund_id,
+                    )
     return done
 
 

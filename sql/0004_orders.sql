@@ -53,6 +53,8 @@ create table orders (
     cancelled_at      timestamptz,
     cancel_reason     text,
     payment_provider  text,
+    -- The payment that paid this order (refunds go back through it).
+    paid_payment_id   bigint,
     -- The status a full refund started from, so a rejected refund can put the order back.
     refund_from_status text,
     created_at        timestamptz not null default now(),

@@ -368,6 +368,10 @@ async def explain_cold(conn: asyncpg.Connection, template_id: int) -> None:
     row = await conn.fetchrow("select status, is_public from coupon_templates where id = $1", template_id)
     if row is None or row["status"] == "draft" or not row["is_public"]:
         raise NotFound("No such coupon", code="coupon.not_found")
+    if row["status"] in ("ended", "paused"):
+        # Not live anyway: the same answer Redis would give, not "being restored".
+        error, code, message = REFUSALS[row["status"]]
+        raise error(message, code=code)
 
 
 # ---------------------------------------------------------------- grants

@@ -32,3 +32,19 @@ async def send_refunds(ctx: JobContext) -> int:
 @periodic("close_abandoned_payments", every_seconds=10)
 async def close_payments(ctx: JobContext) -> int:
     return await sync_payment_closes(ctx.pool, ctx.settings, ctx.providers)
+
+
+@periodic("purge_idempotency_keys", every_seconds=3600)
+async def purge_idempotency_keys(ctx: JobContext) -> int:
+    """Replayable responses are kept a day: long past any client's retry window."""
+    deleted = 0
+    async with ctx.pool.acquire() as conn:
+        while True:
+            status = await conn.execute(
+                """delete from idempotency_keys where ctid = any (array(
+                       select ctid from idempotency_keys where created_at < now() - interval '24 hours' limit 1000))"""
+            )
+            count = int(status.split()[-1])
+            deleted += count
+            if count < 1000:
+                return deleted

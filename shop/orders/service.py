@@ -271,7 +271,7 @@ async def list_orders(
             where ($1::bigint is null or user_id = $1)
               and ($2::text is null or status = $2)
               and ($3::bigint is null or id < $3)
-              and ($5::text is null or order_no like $5 || '%' or address->>'phone' = $5)
+              and ($5::text is null or starts_with(order_no, $5) or address->>'phone' = $5)
             order by id desc limit $4""",
         user_id,
         status,
@@ -294,13 +294,21 @@ UnitReturner = Callable[
 async def return_to_sku_stock(
     conn: asyncpg.Connection, order: asyncpg.Record, units: list[tuple[int, int]]
 ) -> list[AfterCommit]:
+    """SKUs in id order, then products in id order: the lock order take_sku_stock uses, so no deadlock."""
+    per_product: dict[int, int] = {}
     for sku_id, qty in sorted(units):
-        await conn.execute(
-            """with s as (update skus set stock = stock + $2, sales = greatest(sales - $2, 0), updated_at = now()
-                          where id = $1 returning product_id)
-               update products set sales = greatest(sales - $2, 0) from s where products.id = s.product_id""",
+        product_id = await conn.fetchval(
+            """update skus set stock = stock + $2, sales = greatest(sales - $2, 0), updated_at = now()
+               where id = $1 returning product_id""",
             sku_id,
             qty,
+        )
+        per_product[product_id] = per_product.get(product_id, 0) + qty
+    for product_id in sorted(per_product):
+        await conn.execute(
+            "update products set sales = greatest(sales - $2, 0) where id = $1",
+            product_id,
+            per_product[product_id],
         )
     return []
 
@@ -438,11 +446,12 @@ async def mark_order_paid(
     """pending_payment -> paid; False when the order is no longer payable (cancelled: caller refunds)."""
     row = await conn.fetchrow(
         """update orders set status = 'paid', paid_at = now(), paid_amount = $2, payment_provider = $3,
-               updated_at = now()
+               paid_payment_id = $4, updated_at = now()
            where id = $1 and status = 'pending_payment' and payable_amount = $2 returning id""",
         order_id,
         amount,
         provider,
+        payment_id,
     )
     if row is None:
         return False
@@ -456,25 +465,40 @@ async def mark_order_paid(
 
 
 async def cancel_expired_orders(pool: asyncpg.Pool, batch: int = 100) -> int:
-    """Cancel unpaid orders past their deadline; SKIP LOCKED lets several workers share the work."""
-    after: list[AfterCommit] = []
-    async with pool.acquire() as conn, conn.transaction():
-        ids = await conn.fetch(
+    """Cancel unpaid orders past their deadline, one short transaction per order.
+
+    One transaction per order keeps each cancel's SKU locks in SKU-id order (a batch would lock
+    them in deadline order and deadlock with checkouts); SKIP LOCKED lets several workers share.
+    """
+    async with pool.acquire() as conn:
+        candidates = await conn.fetch(
             """select id from orders where status = 'pending_payment' and pay_deadline < now()
-               order by pay_deadline limit $1 for update skip locked""",
+               order by pay_deadline limit $1""",
             batch,
         )
-        for row in ids:
-            after += await cancel_order(conn, row["id"], reason="payment timeout")
-    await run_after_commit(after)
-    return len(ids)
+        cancelled = 0
+        for candidate in candidates:
+            async with conn.transaction():
+                claimed = await conn.fetchval(
+                    """select id from orders where id = $1 and status = 'pending_payment' and pay_deadline < now()
+                       for update skip locked""",
+                    candidate["id"],
+                )
+                if claimed is None:
+                    continue
+                after = await cancel_order(conn, claimed, reason="payment timeout")
+            await run_after_commit(after)
+            cancelled += 1
+    return cancelled
 
 
 async def auto_confirm_orders(pool: asyncpg.Pool, batch: int = 100) -> int:
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             """update orders set status = 'completed', completed_at = now(), updated_at = now()
-               where id in (select id from orders where status = 'shipped' and auto_confirm_at < now()
+               where id in (select id from orders o where status = 'shipped' and auto_confirm_at < now()
+                              -- a refund waiting for the merchant pauses auto-confirm
+                              and not exists (select 1 from refunds r where r.order_id = o.id and r.status = 'requested')
                             order by auto_confirm_at limit $1 for update skip locked)
                  and status = 'shipped'
                returning id""",

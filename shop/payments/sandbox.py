@@ -74,6 +74,8 @@ class SandboxProvider:
 
     def parse_paid_notify(self, headers: Mapping[str, str], body: bytes) -> PaidNotice:
         data = self._verify(headers, body)
+        if data.get("trade_state") != "SUCCESS":
+            raise NotifyRejected("not_paid", f"trade_state {data.get('trade_state')!r}")
         try:
             return PaidNotice(
                 str(data["out_trade_no"]), str(data["transaction_id"]), int(data["amount"]), data

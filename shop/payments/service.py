@@ -190,14 +190,15 @@ async def sync_payment_closes(
 ) -> int:
     """Close at the provider every payment we closed locally (order cancelled or superseded).
 
-    A payment the provider reports as paid after all is applied like its notification would be:
-    the order is cancelled, so the money is refunded.
+    The provider is called outside any transaction (closing twice is harmless). A payment the
+    provider reports as paid after all is applied like its notification would be, in its own
+    transaction (order, then payment: the usual lock order); the order is cancelled, so it is refunded.
     """
     done = 0
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn:
         rows = await conn.fetch(
             """select id, provider, out_trade_no from payments where status = 'closed' and not close_synced
-               order by id limit $1 for update skip locked""",
+               order by id limit $1""",
             batch,
         )
         for row in rows:

@@ -334,3 +334,58 @@ def test_allocate_discount_puts_remainder_on_last_line():
     assert sum(allocate_discount([1, 1, 1], 2)) == 2
     assert allocate_discount([500], 9999) == [500]
     assert allocate_discount([0, 0], 10) == [0, 0]
+
+
+async def test_checkouts_racing_cancels_and_timeouts_never_deadlock(client, app, db, shopper):
+    """Stock goes out (checkout) and back (shopper cancel, timeout) on shared SKUs of two products at once."""
+    _, (a, b) = await make_product(db, title="P", skus=[(1000, 500), (1100, 500)])
+    _, (c,) = await make_product(db, title="Q", skus=[(1200, 500)])
+    combos = [[a, c], [c, b], [b, a, c], [c, a], [a, b]]
+    buyers = [await shopper(f"s{i}") for i in range(20)]
+
+    async def buy(i: int):
+        _, headers, address_id = buyers[i % len(buyers)]
+        return await place(client, headers, address_id, [{"sku_id": s, "qty": 1} for s in combos[i % len(combos)]])
+
+    first = await asyncio.gather(*(buy(i) for i in range(40)))
+    assert {r.status_code for r in first} == {201}
+    orders = [r.json() for r in first]
+    # Half of them expire; a quarter get cancelled by their shoppers; meanwhile 40 more checkouts.
+    await db.execute(
+        "update orders set pay_deadline = now() - interval '1 second' where id = any($1::bigint[])",
+        [o["id"] for o in orders[:20]],
+    )
+    by_user = {b[0]: b[1] for b in buyers}
+    results = await asyncio.gather(
+        *(buy(i) for i in range(40, 80)),
+        *(client.post(f"/api/v1/orders/{o['id']}/cancel", headers=by_user[o["user_id"]]) for o in orders[20:30]),
+        *(cancel_expired_orders(app.state.pool, batch=5) for _ in range(4)),
+    )
+    assert {r.status_code for r in results[:50]} == {201, 200}
+    while await cancel_expired_orders(app.state.pool):
+        pass
+    live = await db.fetch(
+        """select l.sku_id, sum(l.qty) as qty from order_lines l join orders o on o.id = l.order_id
+           where o.status <> 'cancelled' group by l.sku_id"""
+    )
+    sold = {r["sku_id"]: r["qty"] for r in live}
+    assert await db.fetchval("select count(*) from orders where status = 'cancelled'") == 30
+    for sku in (a, b, c):
+        assert await stock_of(db, sku) == 500 - sold.get(sku, 0)
+
+
+async def test_old_idempotency_keys_are_purged(client, app, db, make_user):
+    from types import SimpleNamespace
+
+    from shop.orders.jobs import purge_idempotency_keys
+
+    user_id, _ = await make_user()
+    await db.execute(
+        """insert into idempotency_keys (user_id, scope, key, request_hash, response_status, response_body, created_at)
+           select $1, 'orders.place', 'k' || i, '\\x00', 201, '{}'::bytea,
+                  now() - case when i <= 1500 then interval '25 hours' else interval '1 hour' end
+           from generate_series(1, 1600) as i""",
+        user_id,
+    )
+    assert await purge_idempotency_keys(SimpleNamespace(pool=app.state.pool)) == 1500
+    assert await db.fetchval("select count(*) from idempotency_keys") == 100

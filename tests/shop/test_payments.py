@@ -35,13 +35,14 @@ async def open_payment(client, headers, order):
     return r.json()
 
 
-def signed(settings, payment, *, amount=None, transaction_id="TX1", timestamp=None):
+def signed(settings, payment, *, amount=None, transaction_id="TX1", timestamp=None, trade_state="SUCCESS"):
     provider = SandboxProvider(settings.sandbox_secret)
     return provider.sign_notification(
         {
             "out_trade_no": payment["out_trade_no"],
             "transaction_id": transaction_id,
             "amount": payment["amount"] if amount is None else amount,
+            "trade_state": trade_state,
         },
         timestamp=timestamp,
     )
@@ -96,12 +97,14 @@ async def test_forged_notifications_are_rejected_and_change_nothing(client, db, 
     tampered["amount"] = 1
     stale_h, stale_body = signed(settings, payment, timestamp=1_000_000_000)
     wrong_h, wrong_body = signed(settings, payment, amount=payment["amount"] - 1)
+    unpaid_h, unpaid_body = signed(settings, payment, trade_state="NOTPAY")
     forged_h, forged_body = SandboxProvider("not-the-shop-secret-000000").sign_notification(json.loads(body))
     cases = [
         (h, json.dumps(tampered).encode(), "bad_signature"),
         ({}, body, "unsigned"),
         (stale_h, stale_body, "stale"),
         (wrong_h, wrong_body, "amount_mismatch"),
+        (unpaid_h, unpaid_body, "not_paid"),
         (forged_h, forged_body, "bad_signature"),
     ]
     for case_headers, case_body, reason in cases:
