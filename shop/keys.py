@@ -73,3 +73,20 @@ class Keys:
 
     def flash_returned(self, event_id: int) -> str:
         return self._k(f"fs:{event_id}", "returned")
+
+    # Games (games/): every key of one game shares the hash tag {game:<id>}, so the draw script
+    # runs on one Redis Cluster shard.
+    def game_state(self, game_id: int) -> str:
+        return self._k(f"game:{game_id}", "state")
+
+    def game_users(self, game_id: int) -> str:
+        return self._k(f"game:{game_id}", "users")
+
+    def game_day(self, game_id: int, business_date: str) -> str:
+        return self._k(f"game:{game_id}", "day", business_date)
+
+    def game_idem(self, game_id: int, user_id: int, idempotency_key: str | None) -> str:
+        return self._k(f"game:{game_id}", "idem", user_id, idempotency_key or "-")
+
+    def game_stream(self, game_id: int) -> str:
+        return self._k(f"game:{game_id}", "stream")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from shop import auth, refunds, users
 from shop.catalog import api as catalog_api  # Engineer B: catalog
 from shop.coupons import api as coupons_api
+from shop.flash_sale import api as flash_sale_api
 from shop.orders import api as orders_api
 from shop.payments import api as payments_api
 
@@ -19,4 +20,5 @@ ROUTES: list = [
     users.MeController,
     *catalog_api.ROUTES,
     *coupons_api.ROUTES,
+    *flash_sale_api.ROUTES,
 ]

@@ -73,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError("SHOP_DB_POOL_MIN must not exceed SHOP_DB_POOL_MAX")
         keys = parse_jwt_keys(self.jwt_keys)
         if self.env == "production":
+            if self.flash_fault_pause_seconds:
+                raise SettingsError("SHOP_FLASH_FAULT_PAUSE_SECONDS is a test-only fault injection, refused in production")
             if self.payment_provider == "sandbox":
                 raise SettingsError("SHOP_PAYMENT_PROVIDER=sandbox is refused in production")
             if self.jwt_keys == DEV_JWT_KEYS:

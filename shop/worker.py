@@ -33,6 +33,7 @@ JOB_MODULES: list[str] = [
     "shop.payments.shipping_info",
     "shop.hotpath.jobs",
     "shop.coupons.jobs",
+    "shop.flash_sale.jobs",
 ]
 # On shutdown a run in progress gets this long to finish before it is cancelled.
 SHUTDOWN_GRACE_SECONDS = 30.0

@@ -121,3 +121,15 @@ def test_migrate_with_a_bad_time_zone_exits_with_a_clear_message():
     assert result.returncode != 0
     assert "configuration error: SHOP_TIMEZONE: unknown time zone 'Mars/Base'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_production_refuses_test_only_fault_injection():
+    with pytest.raises(SettingsError, match="SHOP_FLASH_FAULT_PAUSE_SECONDS"):
+        load_settings(
+            {
+                "SHOP_ENV": "production",
+                "SHOP_PAYMENT_PROVIDER": "wechatpay",
+                "SHOP_JWT_KEYS": STRONG_KEYS,
+                "SHOP_FLASH_FAULT_PAUSE_SECONDS": "5",
+            }
+        )

@@ -1,0 +1,246 @@
+"""Benchmark the flash-sale buy call against its ceilings, in one run, with wrk.
+
+    python -m loadtests.bench_flash            # SHOP_DATABASE_URL / SHOP_REDIS_URL / SHOP_REDIS_PREFIX
+
+Four apps, each served the same way (granian, ASGI, uvloop, 2 workers, one at a time on this
+machine) and measured with the same wrk settings, in two phases of a sale:
+- stock: a quota far larger than the run, so every request is a winner (ours: written to PostgreSQL);
+- sold_out: every request loses.
+Apps: `shop` (the real endpoint: auth, validation, token, rate limit, Lua, group commit),
+`bare_evalsha` (decode + the same EVALSHA), `naive_for_update` (PostgreSQL SELECT … FOR UPDATE)
+and, for the sold-out phase, `bare_jwt` (decode + JWT check only). Stop `shop worker` first: the
+benchmark measures the API alone. Prints a Markdown table with req/s, p99 and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtests.reference.apps import NAIVE_SCHEMA
+from loadtests.setup import make_shoppers, publish_sale
+from shop.db import connect
+from shop.redis import LUA_DIRS, create_redis
+from shop.settings import load_settings, with_default_urls
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+VENV_BIN = Path(sys.executable).parent
+
+APPS = {
+    "shop": "shop.app:create_app",
+    "bare_evalsha": "loadtests.reference.apps:bare_evalsha",
+    "bare_jwt": "loadtests.reference.apps:bare_jwt",
+    "naive_for_update": "loadtests.reference.apps:naive_for_update",
+}
+
+
+def start(app: str, port: int, workers: int, env: dict) -> subprocess.Popen:
+    if app == "shop":
+        cmd = [
+            sys.executable,
+            "-m",
+            "shop.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ]
+    else:
+        cmd = [
+            str(VENV_BIN / "granian"),
+            "--interface",
+            "asgi",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--loop",
+            "uvloop",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            APPS[app],
+        ]
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/api/v1/flash-sales/0/items/0/orders", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise RuntimeError(f"server on {port} did not start")
+
+
+def wrk(port: int, path: str, shoppers: Path, args) -> dict:
+    env = {**os.environ, "BENCH_PATH": path, "BENCH_SHOPPERS": str(shoppers)}
+    base = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        "-s",
+        str(HERE / "wrk" / "buy.lua"),
+        "--latency",
+    ]
+    url = f"http://127.0.0.1:{port}{path}"
+    subprocess.run([*base, "-d", f"{args.warmup}s", url], env=env, capture_output=True, check=True)
+    out = subprocess.run(
+        [*base, "-d", f"{args.duration}s", url], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99_text = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float(p99_text.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99_text.group(2)]
+    status = re.search(r"STATUS non2xx=(\d+) errors=(\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {
+        "rps": rps,
+        "p99_ms": p99,
+        "requests": total,
+        "non2xx": int(status.group(1)),
+        "errors": int(status.group(2)),
+    }
+
+
+async def prepare(settings, users: int) -> dict:
+    """Events for each app and phase, shoppers with tokens, the naive app's stock rows."""
+    big = 1_000_000
+    plan = {}
+    for app in ("shop", "bare_evalsha"):
+        for phase in ("stock", "sold_out"):
+            quota = big if phase == "stock" else 1
+            sale = await publish_sale(settings, quota=quota, per_user_limit=999, user_rate_limit=100_000)
+            plan[(app, phase)] = sale
+    redis = create_redis(settings.redis_url)
+    try:
+        for folder in LUA_DIRS:
+            for path in folder.glob("flash_buy.lua"):
+                await redis.script_load(path.read_text())
+    finally:
+        await redis.aclose()
+    conn = await connect(settings)
+    try:
+        await conn.execute(NAIVE_SCHEMA)
+        await conn.execute("truncate naive_orders")
+        await conn.execute(
+            "insert into naive_stock values (1, $1), (2, 0) on conflict (id) do update set stock = excluded.stock",
+            big,
+        )
+    finally:
+        await conn.close()
+    shoppers = {}
+    for key, sale in plan.items():
+        shoppers[key] = await make_shoppers(settings, users, sale.id)
+    return {"plan": plan, "shoppers": shoppers}
+
+
+def write_shoppers(rows, path: Path) -> None:
+    path.write_text("".join(f"{uid}|{jwt}|{address}|{token}\n" for uid, jwt, address, token in rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8400)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--users", type=int, default=2000)
+    args = parser.parse_args(argv)
+
+    settings = with_default_urls(load_settings())
+    prepared = asyncio.run(prepare(settings, args.users))
+    plan, shoppers = prepared["plan"], prepared["shoppers"]
+    env = {
+        **os.environ,
+        "SHOP_DATABASE_URL": settings.database_url,
+        "SHOP_REDIS_URL": settings.redis_url,
+        "SHOP_REDIS_PREFIX": settings.redis_prefix,
+        "SHOP_LOG_REQUESTS": "false",
+        "SHOP_LOG_LEVEL": "WARNING",
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="bench_flash_"))
+    results: dict[tuple[str, str], dict] = {}
+    runs = [
+        ("shop", "stock"),
+        ("shop", "sold_out"),
+        ("bare_evalsha", "stock"),
+        ("bare_evalsha", "sold_out"),
+        ("naive_for_update", "stock"),
+        ("naive_for_update", "sold_out"),
+        ("bare_jwt", "sold_out"),
+    ]
+    for app in dict.fromkeys(a for a, _ in runs):
+        proc = start(app, args.port, args.workers, env)
+        try:
+            wait_ready(args.port)
+            for _, phase in [r for r in runs if r[0] == app]:
+                if app in ("shop", "bare_evalsha"):
+                    sale = plan[(app, phase)]
+                    rows = shoppers[(app, phase)]
+                    path = f"/api/v1/flash-sales/{sale.id}/items/{sale.item_id}/orders"
+                    if phase == "sold_out":  # sell the one unit first
+                        first = rows[0]
+                        httpx.post(
+                            f"http://127.0.0.1:{args.port}{path}",
+                            json={"qty": 1, "address_id": first[2], "token": first[3]},
+                            headers={"Authorization": f"Bearer {first[1]}", "X-Bench-User": str(first[0])},
+                            timeout=10,
+                        )
+                else:
+                    rows = shoppers[("shop", phase)]
+                    path = f"/api/v1/flash-sales/1/items/{1 if phase == 'stock' else 2}/orders"
+                file = tmp / f"{app}_{phase}.txt"
+                write_shoppers(rows, file)
+                results[(app, phase)] = wrk(args.port, path, file, args)
+                r = results[(app, phase)]
+                print(
+                    f"{app:17s} {phase:8s} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:6.1f} ms  "
+                    f"requests {r['requests']}  non-2xx {r['non2xx']}  socket errors {r['errors']}",
+                    flush=True,
+                )
+        finally:
+            stop(proc)
+    print()
+    print("| phase | app | req/s | p99 (ms) | non-2xx | shop ÷ app |")
+    print("|---|---|---|---|---|---|")
+    for app, phase in runs:
+        r = results[(app, phase)]
+        ratio = results[("shop", phase)]["rps"] / r["rps"]
+        print(f"| {phase} | {app} | {r['rps']:.0f} | {r['p99_ms']:.1f} | {r['non2xx']} | {ratio:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

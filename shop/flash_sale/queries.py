@@ -1,0 +1,100 @@
+"""Flash-sale SQL: events, items, the counts Redis is rebuilt from, and stats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+SALE_FIELDS = """id, name, live_stream, starts_at, ends_at, pay_deadline_minutes, user_rate_limit,
+    ip_rate_limit, status, published_at, stopped_at, settled_at, created_at"""
+
+ITEM_FIELDS = """i.id, i.flash_sale_id, i.sku_id, i.flash_price, i.quota, i.sold, i.per_user_limit,
+    i.returned_to_stock, s.product_id, p.title, coalesce(p.image_urls[1], '') as image_url,
+    coalesce(s.original_price, s.price) as original_price"""
+
+PAID_ORDER_STATES = ["paid", "shipped", "completed", "refunding", "refunded"]
+
+
+async def fetch_sale(conn: asyncpg.Connection, sale_id: int, *, lock: bool = False) -> asyncpg.Record | None:
+    sql = f"select {SALE_FIELDS} from flash_sales where id = $1"
+    return await conn.fetchrow(sql + (" for update" if lock else ""), sale_id)
+
+
+async def fetch_sales(
+    conn: asyncpg.Connection, *, status: str | None, before_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""select {SALE_FIELDS} from flash_sales
+            where ($1::text is null or status = $1) and ($2::bigint is null or id < $2)
+            order by id desc limit $3""",
+        status,
+        before_id,
+        limit,
+    )
+
+
+async def fetch_items(conn: asyncpg.Connection, sale_ids: Sequence[int]) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"""select {ITEM_FIELDS} from flash_sale_items i
+            join skus s on s.id = i.sku_id join products p on p.id = s.product_id
+            where i.flash_sale_id = any($1::bigint[]) order by i.flash_sale_id, i.id""",
+        list(sale_ids),
+    )
+
+
+async def fetch_showcase(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Published events not over yet, soonest first: what the shopper's list shows."""
+    return await conn.fetch(
+        f"""select {SALE_FIELDS} from flash_sales
+            where status = 'published' and ends_at > now() order by starts_at, id limit 50"""
+    )
+
+
+async def bought_counts(conn: asyncpg.Connection, item_id: int) -> dict[int, int]:
+    """user id -> units of this item in orders not given back to the quota."""
+    rows = await conn.fetch(
+        """select user_id, sum(n)::int as n from (
+               select user_id, qty as n from flash_sale_orders where item_id = $1
+               union all
+               select user_id, -qty from flash_sale_returns where item_id = $1) t
+           group by user_id having sum(n) > 0""",
+        item_id,
+    )
+    return {r["user_id"]: r["n"] for r in rows}
+
+
+async def return_ids(conn: asyncpg.Connection, sale_id: int) -> list[int]:
+    return [
+        r["id"]
+        for r in await conn.fetch("select id from flash_sale_returns where flash_sale_id = $1", sale_id)
+    ]
+
+
+async def fetch_order_id(conn: asyncpg.Connection, reservation_id: str) -> int | None:
+    return await conn.fetchval(
+        "select order_id from flash_sale_orders where reservation_id = $1", reservation_id
+    )
+
+
+async def sale_stats(conn: asyncpg.Connection, sale_id: int) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """select count(*) as orders,
+                  count(*) filter (where o.status = any($2::text[])) as paid_orders,
+                  coalesce(sum(o.paid_amount) filter (where o.status = any($2::text[])), 0)::bigint as gmv,
+                  count(distinct o.user_id) filter (where o.status <> 'cancelled') as buyers
+           from flash_sale_orders f join orders o on o.id = f.order_id
+           where f.flash_sale_id = $1""",
+        sale_id,
+        PAID_ORDER_STATES,
+    )
+
+
+async def paid_units(conn: asyncpg.Connection, sale_id: int) -> dict[int, int]:
+    rows = await conn.fetch(
+        """select f.item_id, sum(f.qty)::int as n from flash_sale_orders f join orders o on o.id = f.order_id
+           where f.flash_sale_id = $1 and o.status = any($2::text[]) group by f.item_id""",
+        sale_id,
+        PAID_ORDER_STATES,
+    )
+    return {r["item_id"]: r["n"] for r in rows}

@@ -1,0 +1,1151 @@
+"""Flash sales: events and their quota, the purchase hot path, giving units back, settlement, reconcile.
+
+Publishing moves each item's quota out of SKU stock in PostgreSQL (a guarded UPDATE) and warms
+Redis. A purchase is one `flash_buy.lua` call (idempotency, per-shopper and per-IP rate limits,
+window, stock, per-shopper limit, decrement, XADD); losers are answered from Redis alone, or
+from a per-process sold-out flag without even that. Winners' orders are group-committed
+(`persist_flash_orders`, a few multi-row statements per batch) before the 201; the worker
+persists what an API process died on. Units come back (timeout, cancel, refund) through the
+order's unit returner, once, guarded by the order's status change; Redis gets them back through
+`flash_return.lua`, idempotent per return id. When the event ends its unsold units go back to
+SKU stock, once (`settle_sale`). `shop reconcile` rebuilds every counter from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+
+from shop.errors import Conflict, Forbidden, NotFound, RateLimited, Unavailable, ValidationFailed
+from shop.flash_sale import queries
+from shop.flash_sale.schemas import (
+    FlashBuyIn,
+    FlashItemOut,
+    FlashItemStats,
+    FlashSaleIn,
+    FlashSaleOut,
+    FlashSaleStats,
+    FlashTokenOut,
+    ShopperFlashSaleOut,
+    ShopperFlashSales,
+    ShopperItemOut,
+)
+from shop.hotpath import (
+    HotPath,
+    Reservation,
+    encode_payload,
+    new_reservation_id,
+    persist_backlog,
+    register_persister,
+    register_stream,
+    registered_streams,
+)
+from shop.keys import Keys
+from shop.orders.schemas import OrderLineOut, OrderOut
+from shop.orders.service import (
+    ORDER_FIELDS,
+    AfterCommit,
+    load_order,
+    register_unit_returner,
+    return_to_sku_stock,
+)
+from shop.reconcile import Difference, ReconcileContext, register_checker
+from shop.settings import Settings
+
+log = logging.getLogger("shop.flash_sale")
+
+KIND = "flash_sale"  # the hot-path stream kind (and the order kind)
+IDEMPOTENCY_TTL = 24 * 3600
+# The worker settles an event this long after its end, so purchases answered on an API host whose
+# clock runs a little behind are persisted first.
+SETTLE_GRACE_SECONDS = 5.0
+
+REFUSALS = {
+    "not_found": (NotFound, "flash_sale.not_found", "No such flash sale item"),
+    "not_started": (Conflict, "flash_sale.not_started", "The flash sale has not started yet"),
+    "ended": (Conflict, "flash_sale.ended", "The flash sale has ended"),
+    "sold_out": (Conflict, "flash_sale.sold_out", "Sold out"),
+    "limit_exceeded": (Conflict, "flash_sale.limit_exceeded", "You have already bought the maximum"),
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+# ---------------------------------------------------------------- events (merchant)
+
+
+def check_sale(data: FlashSaleIn) -> None:
+    problems: list[tuple[str, str]] = []
+    for name in ("starts_at", "ends_at"):
+        if getattr(data, name).tzinfo is None:
+            problems.append((name, "must include a time zone"))
+    if not problems and data.ends_at <= data.starts_at:
+        problems.append(("ends_at", "must be after starts_at"))
+    skus = [item.sku_id for item in data.items]
+    if len(set(skus)) != len(skus):
+        problems.append(("items", "each SKU may appear once"))
+    if problems:
+        raise ValidationFailed(
+            "; ".join(f"{f}: {m}" for f, m in problems),
+            details=[{"field": f, "message": m} for f, m in problems],
+        )
+
+
+async def _check_skus(conn: asyncpg.Connection, data: FlashSaleIn) -> None:
+    wanted = [item.sku_id for item in data.items]
+    found = {r["id"] for r in await conn.fetch("select id from skus where id = any($1::bigint[])", wanted)}
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise NotFound(f"SKU {missing[0]} does not exist", code="catalog.sku_not_found")
+
+
+def sale_out(
+    row: asyncpg.Record, items: Sequence[asyncpg.Record], remaining: dict[int, int | None]
+) -> FlashSaleOut:
+    return FlashSaleOut(
+        **dict(row),
+        items=[
+            FlashItemOut(
+                id=i["id"],
+                sku_id=i["sku_id"],
+                product_id=i["product_id"],
+                title=i["title"],
+                image_url=i["image_url"],
+                original_price=i["original_price"],
+                flash_price=i["flash_price"],
+                quota=i["quota"],
+                per_user_limit=i["per_user_limit"],
+                remaining=remaining.get(i["id"]),
+            )
+            for i in items
+        ],
+    )
+
+
+async def live_remaining(redis: aioredis.Redis, keys: Keys, items: Sequence[Any]) -> dict[int, int | None]:
+    """item id -> what Redis may still sell (None: Redis does not hold it)."""
+    if not items:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for item in items:
+            pipe.hget(keys.flash_item(item["flash_sale_id"], item["id"]), "remaining")
+        values = await pipe.execute()
+    return {item["id"]: (int(v) if v is not None else None) for item, v in zip(items, values, strict=True)}
+
+
+async def load_sale(
+    conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys, sale_id: int
+) -> FlashSaleOut:
+    row = await queries.fetch_sale(conn, sale_id)
+    if row is None:
+        raise NotFound("Flash sale not found", code="flash_sale.not_found")
+    items = await queries.fetch_items(conn, [sale_id])
+    remaining = await live_remaining(redis, keys, items) if row["status"] != "draft" else {}
+    return sale_out(row, items, remaining)
+
+
+SALE_COLUMNS = [
+    "name",
+    "live_stream",
+    "starts_at",
+    "ends_at",
+    "pay_deadline_minutes",
+    "user_rate_limit",
+    "ip_rate_limit",
+]
+
+
+async def create_sale(
+    conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys, data: FlashSaleIn
+) -> FlashSaleOut:
+    """A draft: nothing is set aside until it is published."""
+    check_sale(data)
+    async with conn.transaction():
+        await _check_skus(conn, data)
+        sale_id = await conn.fetchval(
+            f"""insert into flash_sales ({", ".join(SALE_COLUMNS)}) values ($1, $2, $3, $4, $5, $6, $7)
+                returning id""",
+            *[getattr(data, c) for c in SALE_COLUMNS],
+        )
+        await _insert_items(conn, sale_id, data.items)
+    return await load_sale(conn, redis, keys, sale_id)
+
+
+async def _insert_items(conn: asyncpg.Connection, sale_id: int, items: Sequence[Any]) -> None:
+    await conn.execute(
+        """insert into flash_sale_items (flash_sale_id, sku_id, flash_price, quota, per_user_limit)
+           select $1, u.sku, u.price, u.quota, u.lim
+           from unnest($2::bigint[], $3::int[], $4::int[], $5::int[]) as u (sku, price, quota, lim)""",
+        sale_id,
+        [i.sku_id for i in items],
+        [i.flash_price for i in items],
+        [i.quota for i in items],
+        [i.per_user_limit for i in items],
+    )
+
+
+async def _move_stock(
+    conn: asyncpg.Connection, sale_id: int, sku_id: int, units: int, admin_id: int | None
+) -> None:
+    """units > 0: set aside from SKU stock (guarded, 409 when short); < 0: give back. Ledgered."""
+    if units == 0:
+        return
+    left = await conn.fetchval(
+        "update skus set stock = stock - $2, updated_at = now() where id = $1 and stock >= $2 returning stock",
+        sku_id,
+        units,
+    )
+    if left is None:
+        raise Conflict(
+            f"SKU {sku_id} does not have {units} units in stock to set aside",
+            code="flash_sale.insufficient_stock",
+        )
+    await conn.execute(
+        """insert into stock_ledger (sku_id, delta, reason, stock_after, admin_id, ref)
+           values ($1, $2, $3, $4, $5, $6)""",
+        sku_id,
+        -units,
+        "flash sale quota set aside" if units > 0 else "flash sale quota given back",
+        left,
+        admin_id,
+        f"flash_sale:{sale_id}",
+    )
+
+
+def _state_args(row: Any) -> list[Any]:
+    return [
+        "status",
+        row["status"],
+        "starts_ms",
+        _ms(row["starts_at"]),
+        "ends_ms",
+        _ms(row["ends_at"]),
+        "user_rate",
+        row["user_rate_limit"],
+        "ip_rate",
+        row["ip_rate_limit"],
+    ]
+
+
+def _item_keys(keys: Keys, sale_id: int, item_id: int) -> list[str]:
+    return [
+        keys.flash_item(sale_id, item_id),
+        keys.flash_bought(sale_id, item_id),
+        keys.flash_stream(sale_id),
+        keys.flash_returned(sale_id),
+    ]
+
+
+async def rebuild_sale(
+    conn: asyncpg.Connection, redis: aioredis.Redis, scripts: Any, keys: Keys, sale_id: int
+) -> None:
+    """Write the event's rules and counters from PostgreSQL (the truth)."""
+    stream = keys.flash_stream(sale_id)
+    # Everything the stream holds goes to PostgreSQL first, so the counts include it; entries
+    # added after `last` are taken on top by the script.
+    last = await persist_backlog(redis, conn, KIND, stream)
+    row = await queries.fetch_sale(conn, sale_id)
+    items = await queries.fetch_items(conn, [sale_id])
+    returns = await queries.return_ids(conn, sale_id)
+    for item in items:
+        pairs: list[Any] = []
+        for user_id, n in (await queries.bought_counts(conn, item["id"])).items():
+            pairs += [user_id, n]
+        await scripts.flash_warm_item(
+            keys=_item_keys(keys, sale_id, item["id"]),
+            args=[
+                "rebuild",
+                item["quota"] - item["sold"],
+                item["per_user_limit"],
+                item["flash_price"],
+                item["quota"],
+                last,
+                item["id"],
+                len(returns),
+                *returns,
+                *pairs,
+            ],
+        )
+    await redis.hset(keys.flash_state(sale_id), mapping=dict(zip(*[iter(_state_args(row))] * 2, strict=True)))
+    await register_stream(redis, keys, KIND, stream)
+    if returns:
+        await conn.execute(
+            "update flash_sale_returns set redis_done = true where id = any($1::bigint[]) and not redis_done",
+            returns,
+        )
+
+
+async def publish_sale(
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    scripts: Any,
+    keys: Keys,
+    sale_id: int,
+    admin_id: int | None,
+) -> FlashSaleOut:
+    """draft -> published: quota out of SKU stock (guarded), then Redis warmed."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """update flash_sales set status = 'published', published_at = now(), updated_at = now()
+               where id = $1 and status = 'draft' and ends_at > now() returning id""",
+            sale_id,
+        )
+        if row is None:
+            existing = await queries.fetch_sale(conn, sale_id)
+            if existing is None:
+                raise NotFound("Flash sale not found", code="flash_sale.not_found")
+            if existing["status"] == "draft":
+                raise Conflict("The flash sale's end is already past", code="flash_sale.ended")
+            raise Conflict(
+                f"Cannot publish a flash sale that is {existing['status']}",
+                code="flash_sale.illegal_transition",
+            )
+        items = await queries.fetch_items(conn, [sale_id])
+        for item in sorted(items, key=lambda i: i["sku_id"]):  # SKU-id order, like every stock writer
+            await _move_stock(conn, sale_id, item["sku_id"], item["quota"], admin_id)
+    # After the commit: Redis never sells units PostgreSQL has not set aside. If this fails,
+    # purchases answer 503 until `shop reconcile --fix` warms it.
+    await rebuild_sale(conn, redis, scripts, keys, sale_id)
+    return await load_sale(conn, redis, keys, sale_id)
+
+
+async def update_sale(
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    scripts: Any,
+    keys: Keys,
+    sale_id: int,
+    data: FlashSaleIn,
+    admin_id: int | None,
+) -> FlashSaleOut:
+    """Edit (the whole form) until the start; a published event's quota changes move SKU stock and Redis together."""
+    check_sale(data)
+    async with conn.transaction():
+        old = await queries.fetch_sale(conn, sale_id, lock=True)
+        if old is None:
+            raise NotFound("Flash sale not found", code="flash_sale.not_found")
+        if old["status"] not in ("draft", "published"):
+            raise Conflict(
+                f"A flash sale that is {old['status']} cannot be edited", code="flash_sale.illegal_transition"
+            )
+        if old["status"] == "published" and await conn.fetchval(
+            "select now() >= $1::timestamptz", old["starts_at"]
+        ):
+            raise Conflict("The flash sale has started: its rules are fixed", code="flash_sale.started")
+        await _check_skus(conn, data)
+        row = await conn.fetchrow(
+            f"""update flash_sales set ({", ".join(SALE_COLUMNS)}, updated_at) = ($2, $3, $4, $5, $6, $7, $8, now())
+                where id = $1 returning {queries.SALE_FIELDS}""",
+            sale_id,
+            *[getattr(data, c) for c in SALE_COLUMNS],
+        )
+        old_items = {i["sku_id"]: i for i in await queries.fetch_items(conn, [sale_id])}
+        new_items = {i.sku_id: i for i in data.items}
+        live = old["status"] == "published"
+        redis_steps: list[tuple[str, int, Any]] = []
+        for sku_id in sorted(set(old_items) | set(new_items)):
+            before, after = old_items.get(sku_id), new_items.get(sku_id)
+            delta = (after.quota if after else 0) - (before["quota"] if before else 0)
+            if live:
+                await _move_stock(conn, sale_id, sku_id, delta, admin_id)
+            if before is None:
+                await _insert_items(conn, sale_id, [after])
+                redis_steps.append(("add", sku_id, None))
+            elif after is None:
+                if before["sold"]:
+                    raise Conflict("An item with orders cannot be removed", code="flash_sale.item_sold")
+                await conn.execute("delete from flash_sale_items where id = $1", before["id"])
+                redis_steps.append(("remove", sku_id, before["id"]))
+            else:
+                updated = await conn.fetchval(
+                    """update flash_sale_items set flash_price = $2, quota = $3, per_user_limit = $4
+                       where id = $1 and sold <= $3 returning id""",
+                    before["id"],
+                    after.flash_price,
+                    after.quota,
+                    after.per_user_limit,
+                )
+                if updated is None:
+                    raise Conflict(
+                        "The quota cannot drop below what is sold", code="flash_sale.quota_below_sold"
+                    )
+                redis_steps.append(("config", sku_id, (before["id"], delta, after)))
+        if live:
+            # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
+            await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
+    return await load_sale(conn, redis, keys, sale_id)
+
+
+async def _apply_redis_edit(conn, redis, scripts, keys: Keys, row, steps) -> None:
+    sale_id = row["id"]
+    rebuild = False
+    for action, _sku_id, extra in steps:
+        if action == "remove":
+            await redis.delete(keys.flash_item(sale_id, extra), keys.flash_bought(sale_id, extra))
+        elif action == "add":
+            rebuild = True
+        else:
+            item_id, delta, item = extra
+            reply = await scripts.flash_warm_item(
+                keys=_item_keys(keys, sale_id, item_id),
+                args=["config", delta, item.per_user_limit, item.flash_price, item.quota],
+            )
+            if reply[0] == "cold":
+                rebuild = True
+            elif reply[0] == "below_sold":
+                raise Conflict("The quota cannot drop below what is sold", code="flash_sale.quota_below_sold")
+    if rebuild:
+        await rebuild_sale(conn, redis, scripts, keys, sale_id)
+    else:
+        await redis.hset(
+            keys.flash_state(sale_id), mapping=dict(zip(*[iter(_state_args(row))] * 2, strict=True))
+        )
+
+
+async def stop_sale(
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    scripts: Any,
+    keys: Keys,
+    sale_id: int,
+    admin_id: int | None,
+) -> FlashSaleOut:
+    """published -> stopped: no purchase is accepted from now on; unsold units go back to stock."""
+    row = await conn.fetchrow(
+        """update flash_sales set status = 'stopped', stopped_at = now(), updated_at = now()
+           where id = $1 and status = 'published' returning id""",
+        sale_id,
+    )
+    if row is None:
+        existing = await queries.fetch_sale(conn, sale_id)
+        if existing is None:
+            raise NotFound("Flash sale not found", code="flash_sale.not_found")
+        raise Conflict(
+            f"Cannot stop a flash sale that is {existing['status']}", code="flash_sale.illegal_transition"
+        )
+    await settle_sale(conn, redis, keys, sale_id, admin_id=admin_id)
+    return await load_sale(conn, redis, keys, sale_id)
+
+
+async def _close_in_redis(redis: aioredis.Redis, keys: Keys, sale_id: int) -> None:
+    state = keys.flash_state(sale_id)
+    if await redis.exists(state):
+        await redis.hset(state, "status", "ended")
+
+
+async def settle_sale(
+    conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys, sale_id: int, *, admin_id: int | None = None
+) -> bool:
+    """Unsold units back to SKU stock, exactly once; False when it was not due or already done."""
+    # Redis refuses every purchase first; every accepted one is then in the stream, and is
+    # persisted (idempotently) before `sold` is read.
+    await _close_in_redis(redis, keys, sale_id)
+    await persist_backlog(redis, conn, KIND, keys.flash_stream(sale_id))
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """update flash_sales set status = 'settled', settled_at = now(), updated_at = now()
+               where id = $1 and (status = 'stopped'
+                                  or (status = 'published' and ends_at < now() - make_interval(secs => $2)))
+               returning id""",
+            sale_id,
+            SETTLE_GRACE_SECONDS,
+        )
+        if row is None:
+            return False
+        items = await conn.fetch(
+            "select id, sku_id, quota, sold from flash_sale_items where flash_sale_id = $1 order by sku_id for update",
+            sale_id,
+        )
+        for item in items:
+            unsold = item["quota"] - item["sold"]
+            await _move_stock(conn, sale_id, item["sku_id"], -unsold, admin_id)
+            await conn.execute(
+                "update flash_sale_items set returned_to_stock = $2 where id = $1", item["id"], unsold
+            )
+    return True
+
+
+async def settle_due_sales(pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> int:
+    async with pool.acquire() as conn:
+        due = await conn.fetch(
+            """select id from flash_sales
+               where status = 'stopped' or (status = 'published' and ends_at < now() - make_interval(secs => $1))
+               order by id limit 20""",
+            SETTLE_GRACE_SECONDS,
+        )
+        done = 0
+        for row in due:
+            done += await settle_sale(conn, redis, keys, row["id"])
+    return done
+
+
+async def sale_stats(
+    conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys, sale_id: int
+) -> FlashSaleStats:
+    row = await queries.fetch_sale(conn, sale_id)
+    if row is None:
+        raise NotFound("Flash sale not found", code="flash_sale.not_found")
+    items = await queries.fetch_items(conn, [sale_id])
+    remaining = await live_remaining(redis, keys, items) if row["status"] in ("published", "stopped") else {}
+    totals = await queries.sale_stats(conn, sale_id)
+    paid = await queries.paid_units(conn, sale_id)
+    item_stats = [
+        FlashItemStats(
+            item_id=i["id"],
+            sku_id=i["sku_id"],
+            quota=i["quota"],
+            sold=i["sold"],
+            remaining=remaining.get(i["id"]),
+            paid_units=paid.get(i["id"], 0),
+            returned_to_stock=i["returned_to_stock"],
+        )
+        for i in items
+    ]
+    known = [r for r in remaining.values() if r is not None]
+    return FlashSaleStats(
+        flash_sale_id=sale_id,
+        status=row["status"],
+        sold=sum(i["sold"] for i in items),
+        remaining=sum(known) if known else None,
+        orders=totals["orders"],
+        paid_orders=totals["paid_orders"],
+        gmv=totals["gmv"],
+        buyers=totals["buyers"],
+        items=item_stats,
+    )
+
+
+# ---------------------------------------------------------------- the shopper's list (cached)
+
+SHOWCASE_SECONDS = 1.0
+
+
+@dataclass
+class Showcase:
+    expires: float = 0.0
+    value: ShopperFlashSales | None = None
+    refreshing: asyncio.Future | None = None
+
+
+async def showcase(state: Any, conn_factory) -> ShopperFlashSales:
+    """Current and upcoming events with what is left; rebuilt at most once a second per process."""
+    cache: Showcase | None = getattr(state, "flash_showcase", None)
+    if cache is None:
+        cache = state.flash_showcase = Showcase()
+    now = time.monotonic()
+    if cache.value is not None and now < cache.expires:
+        return cache.value
+    if cache.refreshing is not None:  # one rebuild at a time; the others wait for it
+        return await asyncio.shield(cache.refreshing)
+    cache.refreshing = asyncio.get_running_loop().create_future()
+    try:
+        value = await _build_showcase(await conn_factory(), state.redis, state.redis_keys)
+    except Exception as exc:
+        cache.refreshing.set_exception(exc)
+        cache.refreshing.exception()  # retrieved: waiters get it, nobody logs "never retrieved"
+        raise
+    else:
+        cache.value, cache.expires = value, time.monotonic() + SHOWCASE_SECONDS
+        cache.refreshing.set_result(value)
+        return value
+    finally:
+        cache.refreshing = None
+
+
+async def _build_showcase(conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys) -> ShopperFlashSales:
+    sales = await queries.fetch_showcase(conn)
+    items = await queries.fetch_items(conn, [s["id"] for s in sales])
+    remaining = await live_remaining(redis, keys, items)
+    now = datetime.now(UTC)
+    out = []
+    for sale in sales:
+        out.append(
+            ShopperFlashSaleOut(
+                id=sale["id"],
+                name=sale["name"],
+                live_stream=sale["live_stream"],
+                starts_at=sale["starts_at"],
+                ends_at=sale["ends_at"],
+                phase="upcoming" if now < sale["starts_at"] else "live",
+                items=[
+                    ShopperItemOut(
+                        id=i["id"],
+                        sku_id=i["sku_id"],
+                        product_id=i["product_id"],
+                        title=i["title"],
+                        image_url=i["image_url"],
+                        original_price=i["original_price"],
+                        flash_price=i["flash_price"],
+                        per_user_limit=i["per_user_limit"],
+                        quota=i["quota"],
+                        remaining=max(remaining[i["id"]], 0) if remaining.get(i["id"]) is not None else None,
+                    )
+                    for i in items
+                    if i["flash_sale_id"] == sale["id"]
+                ],
+            )
+        )
+    return ShopperFlashSales(items=out)
+
+
+# ---------------------------------------------------------------- purchase tokens
+
+
+@functools.lru_cache(maxsize=8)
+def _token_key(flash_token_secret: str, jwt_keys: str, signing_secret: str) -> bytes:
+    if flash_token_secret:
+        return flash_token_secret.encode()
+    # Derived from the JWT signing key: production already refuses a weak or default one.
+    return hmac.new(signing_secret.encode(), b"flash-sale-purchase-token", hashlib.sha256).digest()
+
+
+def token_key(settings: Settings) -> bytes:
+    return _token_key(
+        settings.flash_token_secret, settings.jwt_keys, settings.jwt_key_map[settings.signing_kid]
+    )
+
+
+def _sign(key: bytes, user_id: int, sale_id: int, expires: int) -> str:
+    mac = hmac.new(key, f"{user_id}.{sale_id}.{expires}".encode(), hashlib.sha256).digest()[:18]
+    return base64.urlsafe_b64encode(mac).decode()
+
+
+def make_token(settings: Settings, user_id: int, sale_id: int, expires: int) -> str:
+    return f"{expires}.{_sign(token_key(settings), user_id, sale_id, expires)}"
+
+
+def verify_token(
+    settings: Settings, token: str, user_id: int, sale_id: int, now: float | None = None
+) -> None:
+    """An HMAC over shopper, event and expiry: checked without Redis or PostgreSQL."""
+    expires_text, _, signature = token.partition(".")
+    if not expires_text.isdigit() or not hmac.compare_digest(
+        signature, _sign(token_key(settings), user_id, sale_id, int(expires_text))
+    ):
+        raise Forbidden("Invalid purchase token", code="flash_sale.token_invalid")
+    if int(expires_text) <= (time.time() if now is None else now):
+        raise Forbidden("The purchase token has expired: get a new one", code="flash_sale.token_expired")
+
+
+WINDOW_SECONDS = 0.5
+
+
+async def _window(state: Any, sale_id: int) -> tuple[str, int, int] | None:
+    """(status, starts_ms, ends_ms) from Redis, cached for half a second per process.
+
+    The whole audience asks for a token at the same instant: one Redis read per event and
+    process, not one per shopper (each would hold a client connection).
+    """
+    cache: dict = getattr(state, "flash_windows", None)
+    if cache is None:
+        cache = state.flash_windows = {}
+    hit = cache.get(sale_id)
+    now = time.monotonic()
+    if hit is not None and hit[0] > now:
+        return await asyncio.shield(hit[1])
+    future = asyncio.get_running_loop().create_future()
+    cache[sale_id] = (now + WINDOW_SECONDS, future)
+    try:
+        status, starts, ends = await state.redis.hmget(
+            state.redis_keys.flash_state(sale_id), "status", "starts_ms", "ends_ms"
+        )
+    except Exception as exc:
+        cache.pop(sale_id, None)
+        future.set_exception(exc)
+        future.exception()
+        raise
+    value = None if status is None else (status, int(starts), int(ends))
+    future.set_result(value)
+    return value
+
+
+async def issue_token(state: Any, conn_factory, user_id: int, sale_id: int) -> FlashTokenOut:
+    """A purchase token, only while the sale is live (so scripts cannot fire before the start)."""
+    settings: Settings = state.settings
+    window = await _window(state, sale_id)
+    if window is None:
+        row = await queries.fetch_sale(await conn_factory(), sale_id)
+        if row is None or row["status"] == "draft":
+            raise NotFound("Flash sale not found", code="flash_sale.not_found")
+        if row["status"] != "published":
+            raise Conflict("The flash sale has ended", code="flash_sale.ended")
+        raise Unavailable("The flash sale is being restored, try again shortly", code="flash_sale.not_ready")
+    status, starts, ends = window
+    if status == "draft":
+        raise NotFound("Flash sale not found", code="flash_sale.not_found")
+    now = now_ms()
+    if status != "published" or now >= ends:
+        raise Conflict("The flash sale has ended", code="flash_sale.ended")
+    if now < starts:
+        raise Conflict("The flash sale has not started yet", code="flash_sale.not_started")
+    expires = min(ends // 1000 + 1, int(time.time()) + settings.flash_token_ttl)
+    return FlashTokenOut(
+        token=make_token(settings, user_id, sale_id, expires), expires_at=datetime.fromtimestamp(expires, UTC)
+    )
+
+
+# ---------------------------------------------------------------- buying (the hot path)
+
+
+@dataclass(frozen=True)
+class Bought:
+    order: OrderOut
+    replayed: bool
+
+
+def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
+    """This process saw the item sold out less than `flash_sold_out_seconds` ago."""
+    flags = getattr(state, "flash_sold_out", None)
+    return flags is not None and flags.get((sale_id, item_id), 0.0) > time.monotonic()
+
+
+def _sold_out_flags(state: Any) -> dict[tuple[int, int], float]:
+    flags = getattr(state, "flash_sold_out", None)
+    if flags is None:
+        flags = state.flash_sold_out = {}
+    return flags
+
+
+async def buy(
+    state: Any,
+    sale_id: int,
+    item_id: int,
+    user_id: int,
+    body: FlashBuyIn,
+    ip: str,
+    idempotency_key: str | None,
+) -> Bought:
+    """One purchase attempt. Losers never touch PostgreSQL; a winner's order is committed before this returns."""
+    settings: Settings = state.settings
+    verify_token(settings, body.token, user_id, sale_id)
+    flags = _sold_out_flags(state)
+    # A retry carrying an Idempotency-Key may be the replay of a winner: it asks Redis.
+    if idempotency_key is None and flags.get((sale_id, item_id), 0.0) > time.monotonic():
+        raise Conflict("Sold out", code="flash_sale.sold_out")
+    keys: Keys = state.redis_keys
+    hotpath: HotPath = _hotpath(state)
+    rid = new_reservation_id()
+    now = now_ms()
+    payload = {"e": sale_id, "i": item_id, "q": body.qty, "a": body.address_id, "at": now}
+    fingerprint = f"{item_id}:{body.qty}:{body.address_id}"
+    reply = await hotpath.reserve(
+        state.scripts.flash_buy,
+        keys=[
+            keys.flash_state(sale_id),
+            keys.flash_item(sale_id, item_id),
+            keys.flash_bought(sale_id, item_id),
+            keys.flash_idem(sale_id, user_id, idempotency_key),
+            keys.flash_user_rate(sale_id, user_id),
+            keys.flash_ip_rate(sale_id, ip),
+            keys.flash_stream(sale_id),
+        ],
+        args=[
+            now,
+            user_id,
+            body.qty,
+            rid,
+            encode_payload(payload),
+            "1" if idempotency_key else "0",
+            IDEMPOTENCY_TTL,
+            fingerprint,
+            item_id,
+        ],
+    )
+    outcome = reply[0]
+    if outcome == "ok":
+        if int(reply[3]) <= 0:
+            flags[(sale_id, item_id)] = time.monotonic() + settings.flash_sold_out_seconds
+        reservation = Reservation(rid, user_id, payload)
+    elif outcome == "replay":
+        if reply[2] != fingerprint:
+            raise ValidationFailed(
+                "This Idempotency-Key was used with a different request",
+                code="idempotency.mismatch",
+                details=[{"field": "Idempotency-Key", "message": "used with a different request"}],
+            )
+        # The first request may still be writing (or have died): writing again is a no-op or the rescue.
+        reservation = Reservation(reply[1], user_id, msgspec.json.decode(reply[3]))
+    elif outcome == "rate_limited":
+        raise RateLimited("Too many purchase attempts", retry_after=-(-int(reply[1]) // 1000))
+    elif outcome == "cold":
+        raise Unavailable("The flash sale is being restored, try again shortly", code="flash_sale.not_ready")
+    else:
+        if outcome == "sold_out" and int(reply[1]) <= 0:
+            flags[(sale_id, item_id)] = time.monotonic() + settings.flash_sold_out_seconds
+        error, code, message = REFUSALS[outcome]
+        if outcome == "sold_out" and int(reply[1]) > 0:
+            message = f"Only {reply[1]} left"
+        raise error(message, code=code)
+    if settings.flash_fault_pause_seconds and settings.env != "production":
+        # Fault injection (tests): the reservation is in Redis, the order not yet in PostgreSQL.
+        await asyncio.sleep(settings.flash_fault_pause_seconds)
+    order = await hotpath.commit(KIND, reservation)
+    if order is None:  # written before (a replay, or the worker got there first)
+        async with state.pool.acquire() as conn:
+            order_id = await queries.fetch_order_id(conn, reservation.id)
+            order = await load_order(conn, order_id)
+    return Bought(order, outcome == "replay")
+
+
+async def explain_cold(conn: asyncpg.Connection, sale_id: int, item_id: int) -> None:
+    """An event Redis does not know: 404 or ended unless it is live (then Redis lost it)."""
+    row = await conn.fetchrow(
+        """select f.status from flash_sales f join flash_sale_items i on i.flash_sale_id = f.id
+           where f.id = $1 and i.id = $2""",
+        sale_id,
+        item_id,
+    )
+    if row is None or row["status"] == "draft":
+        raise NotFound("No such flash sale item", code="flash_sale.not_found")
+    if row["status"] != "published":
+        raise Conflict("The flash sale has ended", code="flash_sale.ended")
+
+
+def _hotpath(state: Any) -> HotPath:
+    from shop.hotpath import hotpath_of
+
+    return hotpath_of(state)
+
+
+# ---------------------------------------------------------------- persisting winners
+
+
+PERSIST_LINKS = """
+insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at)
+select e.rid, nextval(pg_get_serial_sequence('orders', 'id')), i.flash_sale_id, e.item_id, e.uid, e.qty,
+       to_timestamp(e.ms / 1000.0)
+from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[]) as e (rid, uid, item_id, qty, ms)
+join flash_sale_items i on i.id = e.item_id
+order by e.rid
+on conflict (reservation_id) do nothing
+returning reservation_id, order_id, item_id, user_id, qty, reserved_at"""
+
+ADDRESS_SNAPSHOT = """(select to_jsonb(a) from (select receiver, phone, province, city, district, detail, postal_code
+                      from addresses where user_id = n.uid
+                      order by (id = n.address_id) desc, is_default desc, id limit 1) a)"""
+
+PERSIST_ORDERS = f"""
+insert into orders (id, order_no, user_id, kind, activity_id, items_amount, discount_amount,
+    shipping_fee, payable_amount, address, pay_deadline)
+overriding system value
+select n.id,
+       to_char(now() at time zone $6, 'YYYYMMDDHH24MISS')
+           || lpad((nextval('business_no_seq') % 1000000)::text, 6, '0') || floor(random() * 10)::int::text,
+       n.uid, 'flash_sale', i.flash_sale_id, i.flash_price * n.qty, 0, fee.amount,
+       i.flash_price * n.qty + fee.amount,
+       {ADDRESS_SNAPSHOT},
+       n.reserved_at + make_interval(mins => f.pay_deadline_minutes)
+from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $5::timestamptz[], $7::bigint[])
+     as n (id, uid, item_id, qty, reserved_at, address_id)
+join flash_sale_items i on i.id = n.item_id
+join flash_sales f on f.id = i.flash_sale_id
+left join shipping_rule r on r.id = 1
+cross join lateral (select case when r.id is null then 0
+                                when r.free_threshold is not null and i.flash_price * n.qty >= r.free_threshold then 0
+                                else r.flat_fee end as amount) fee
+order by n.id
+returning {ORDER_FIELDS}"""
+
+PERSIST_LINES = """
+insert into order_lines (order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
+    discount_amount, payable_amount)
+select n.id, s.id, p.id, p.title, s.specs, coalesce(p.image_urls[1], ''), i.flash_price, n.qty,
+       i.flash_price * n.qty, 0, i.flash_price * n.qty
+from unnest($1::bigint[], $2::bigint[], $3::int[]) as n (id, item_id, qty)
+join flash_sale_items i on i.id = n.item_id
+join skus s on s.id = i.sku_id
+join products p on p.id = s.product_id
+order by n.id
+returning id, order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
+    discount_amount, payable_amount, refunded_qty, refunded_amount"""
+
+# sold, then the SKU's and product's sales, in that lock order (a returner takes the same).
+COUNT_SOLD = """
+with i as (update flash_sale_items set sold = sold + $2 where id = $1 returning sku_id),
+     s as (update skus set sales = sales + $2 from i where skus.id = i.sku_id returning skus.product_id)
+update products set sales = sales + $2 from s where products.id = s.product_id"""
+
+PERSIST_EVENTS = """
+insert into order_events (order_id, type, payload)
+select u.id, 'order.created', jsonb_build_object('kind', 'flash_sale', 'payable_amount', u.payable)
+from unnest($1::bigint[], $2::int[]) as u (id, payable)"""
+
+
+@register_persister(KIND)
+async def persist_flash_orders(
+    conn: asyncpg.Connection, entries: Sequence[Reservation]
+) -> dict[str, OrderOut]:
+    """Many winners' orders in a few statements; a reservation already written is skipped.
+
+    Returns the new orders by reservation id (the API answers with them without reading back).
+    """
+    address = {e.id: e.payload.get("a") or 0 for e in entries}
+    links = await conn.fetch(
+        PERSIST_LINKS,
+        [e.id for e in entries],
+        [e.user_id for e in entries],
+        [e.payload["i"] for e in entries],
+        [e.payload["q"] for e in entries],
+        [e.payload["at"] for e in entries],
+    )
+    if not links:
+        return {}
+    tz = _TIMEZONE["name"]
+    orders = await conn.fetch(
+        PERSIST_ORDERS,
+        [r["order_id"] for r in links],
+        [r["user_id"] for r in links],
+        [r["item_id"] for r in links],
+        [r["qty"] for r in links],
+        [r["reserved_at"] for r in links],
+        tz,
+        [address[r["reservation_id"]] for r in links],
+    )
+    lines = await conn.fetch(
+        PERSIST_LINES,
+        [r["order_id"] for r in links],
+        [r["item_id"] for r in links],
+        [r["qty"] for r in links],
+    )
+    per_item: dict[int, int] = {}
+    for r in links:
+        per_item[r["item_id"]] = per_item.get(r["item_id"], 0) + r["qty"]
+    for item_id in sorted(per_item):
+        await conn.execute(COUNT_SOLD, item_id, per_item[item_id])
+    await conn.execute(PERSIST_EVENTS, [o["id"] for o in orders], [o["payable_amount"] for o in orders])
+    lines_by_order: dict[int, list[OrderLineOut]] = {}
+    for line in lines:
+        d = dict(line)
+        lines_by_order.setdefault(d.pop("order_id"), []).append(OrderLineOut(**d))
+    by_id = {
+        o["id"]: OrderOut(**dict(o), lines=lines_by_order.get(o["id"], []), shipments=[]) for o in orders
+    }
+    return {r["reservation_id"]: by_id[r["order_id"]] for r in links}
+
+
+# The store's time zone for order numbers: the persister gets only a connection, so the API and
+# the worker set it when they bind (bind_runtime); the default is the settings' default.
+_TIMEZONE = {"name": "Asia/Shanghai"}
+
+
+# ---------------------------------------------------------------- giving units back
+
+
+@dataclass
+class Runtime:
+    """What after-commit Redis restores need; bound by the API and the worker of this process."""
+
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    scripts: Any
+    keys: Keys
+
+
+_runtime: dict[str, Runtime] = {}
+
+
+def bind_runtime(
+    pool: asyncpg.Pool, redis: aioredis.Redis, scripts: Any, keys: Keys, settings: Settings
+) -> None:
+    current = _runtime.get("current")
+    if current is None or current.pool is not pool or current.redis is not redis:
+        _runtime["current"] = Runtime(pool, redis, scripts, keys)
+        _TIMEZONE["name"] = settings.timezone
+
+
+def bind_app(state: Any) -> None:
+    bind_runtime(state.pool, state.redis, state.scripts, state.redis_keys, state.settings)
+
+
+async def return_flash_units(
+    conn: asyncpg.Connection, order: asyncpg.Record, units: list[tuple[int, int]]
+) -> list[AfterCommit]:
+    """The order's units back to the event's quota (or to SKU stock once the event is settled)."""
+    sale_id = order["activity_id"]
+    # FOR SHARE: settlement (which updates this row) waits for us, or we see it settled.
+    status = await conn.fetchval("select status from flash_sales where id = $1 for share", sale_id)
+    if status is None or status == "settled":
+        return await return_to_sku_stock(conn, order, units)
+    returned = []
+    for sku_id, qty in sorted(units):
+        row = await conn.fetchrow(
+            """with i as (update flash_sale_items set sold = sold - $3
+                          where flash_sale_id = $1 and sku_id = $2 returning id, sku_id),
+                    s as (update skus set sales = greatest(sales - $3, 0) from i where skus.id = i.sku_id
+                          returning skus.product_id),
+                    p as (update products set sales = greatest(sales - $3, 0) from s where products.id = s.product_id)
+               insert into flash_sale_returns (order_id, flash_sale_id, item_id, user_id, qty)
+               select $4, $1, i.id, $5, $3 from i returning id, item_id""",
+            sale_id,
+            sku_id,
+            qty,
+            order["id"],
+            order["user_id"],
+        )
+        if row is not None:
+            returned.append((row["id"], sale_id, row["item_id"], order["user_id"], qty))
+
+    async def restore() -> None:
+        runtime = _runtime.get("current")
+        if runtime is None:
+            return  # the worker's restore_flash_returns job applies it within a second
+        try:
+            await apply_returns(runtime, returned)
+        except Exception:
+            log.exception("flash-sale units not yet back in Redis (the worker retries)")
+
+    return [restore] if returned else []
+
+
+register_unit_returner(KIND, return_flash_units)
+
+
+async def apply_returns(runtime: Runtime, returns: Sequence[tuple[int, int, int, int, int]]) -> int:
+    """(return id, sale, item, user, qty) back into Redis, once each; marks them done in PostgreSQL."""
+    if not returns:
+        return 0
+    keys = runtime.keys
+    for return_id, sale_id, item_id, user_id, qty in returns:
+        await runtime.scripts.flash_return(
+            keys=[
+                keys.flash_item(sale_id, item_id),
+                keys.flash_bought(sale_id, item_id),
+                keys.flash_returned(sale_id),
+            ],
+            args=[return_id, user_id, qty],
+        )
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "update flash_sale_returns set redis_done = true where id = any($1::bigint[])",
+            [r[0] for r in returns],
+        )
+    return len(returns)
+
+
+async def restore_pending_returns(runtime: Runtime, batch: int = 500) -> int:
+    """Returns whose after-commit step did not run (process died, no runtime): applied now."""
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            """select id, flash_sale_id, item_id, user_id, qty from flash_sale_returns
+               where not redis_done and created_at < now() - interval '200 milliseconds'
+               order by id limit $1""",
+            batch,
+        )
+    return await apply_returns(runtime, [tuple(r) for r in rows])
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+async def _tail(redis: aioredis.Redis, stream: str, after: str) -> dict[int, tuple[int, dict[int, int]]]:
+    """Stream entries after `after`: item id -> (units, units per shopper)."""
+    out: dict[int, tuple[int, dict[int, int]]] = {}
+    start = f"({after}"
+    while True:
+        entries = await redis.xrange(stream, min=start, max="+", count=1000)
+        for _, fields in entries:
+            item_id, qty, uid = int(fields["i"]), int(fields["q"]), int(fields["uid"])
+            units, users = out.get(item_id, (0, {}))
+            users[uid] = users.get(uid, 0) + qty
+            out[item_id] = (units + qty, users)
+        if len(entries) < 1000:
+            return out
+        start = f"({entries[-1][0]}"
+
+
+async def check_flash_counters(ctx: ReconcileContext) -> list[Difference]:
+    """Every live event: rules, remaining per item and units per shopper, Redis vs PostgreSQL."""
+    diffs: list[Difference] = []
+    streams = set(await registered_streams(ctx.redis, ctx.keys, KIND))
+    sales = await ctx.conn.fetch(
+        f"select {queries.SALE_FIELDS} from flash_sales where status in ('published', 'stopped') order by id"
+    )
+    for sale in sales:
+        sale_id = sale["id"]
+        subject = f"flash sale {sale_id}"
+        stream = ctx.keys.flash_stream(sale_id)
+        last = await persist_backlog(ctx.redis, ctx.conn, KIND, stream)
+        tail = await _tail(ctx.redis, stream, last)
+        state = await ctx.redis.hgetall(ctx.keys.flash_state(sale_id))
+        expected_state = dict(zip(*[iter(_state_args(sale))] * 2, strict=True))
+        if state.get("status") == "ended" and sale["status"] == "stopped":
+            expected_state["status"] = "ended"
+        for field, want in expected_state.items():
+            if state.get(field) != str(want):
+                diffs.append(Difference("flash_sales", subject, field, str(want), state.get(field)))
+        # Returns not yet applied to Redis (their after-commit step is pending) are expected missing.
+        pending = await ctx.conn.fetch(
+            """select item_id, user_id, sum(qty)::int as n from flash_sale_returns
+               where flash_sale_id = $1 and not redis_done group by item_id, user_id""",
+            sale_id,
+        )
+        for item in await queries.fetch_items(ctx.conn, [sale_id]):
+            item_id = item["id"]
+            tail_units, tail_users = tail.get(item_id, (0, {}))
+            not_back = {r["user_id"]: r["n"] for r in pending if r["item_id"] == item_id}
+            expected = item["quota"] - item["sold"] - tail_units - sum(not_back.values())
+            actual = await ctx.redis.hgetall(ctx.keys.flash_item(sale_id, item_id))
+            wants = {
+                "remaining": expected,
+                "limit": item["per_user_limit"],
+                "price": item["flash_price"],
+                "quota": item["quota"],
+            }
+            for field, want in wants.items():
+                if actual.get(field) != str(want):
+                    diffs.append(
+                        Difference(
+                            "flash_sales", subject, f"item {item_id} {field}", str(want), actual.get(field)
+                        )
+                    )
+            counts = await queries.bought_counts(ctx.conn, item_id)
+            for uid, n in list(tail_users.items()) + list(not_back.items()):
+                counts[uid] = counts.get(uid, 0) + n
+            users = {
+                int(k): int(v)
+                for k, v in (await ctx.redis.hgetall(ctx.keys.flash_bought(sale_id, item_id))).items()
+            }
+            for uid in sorted(set(users) | set(counts)):
+                if users.get(uid, 0) != counts.get(uid, 0):
+                    diffs.append(
+                        Difference(
+                            "flash_sales",
+                            subject,
+                            f"item {item_id} units of user {uid}",
+                            counts.get(uid, 0),
+                            users.get(uid),
+                        )
+                    )
+        if stream not in streams:
+            diffs.append(Difference("flash_sales", subject, "stream registered", True, False))
+    return diffs
+
+
+async def fix_flash_counters(ctx: ReconcileContext, diffs: list[Difference]) -> None:
+    for sale_id in sorted({int(d.subject.rsplit(" ", 1)[1]) for d in diffs}):
+        await rebuild_sale(ctx.conn, ctx.redis, ctx.scripts, ctx.keys, sale_id)
+        status = await ctx.conn.fetchval("select status from flash_sales where id = $1", sale_id)
+        if status == "stopped":
+            await _close_in_redis(ctx.redis, ctx.keys, sale_id)
+
+
+register_checker("flash_sales", check_flash_counters, fix_flash_counters)

@@ -1,0 +1,382 @@
+"""Flash sales through the HTTP API: merchant events, tokens, buying, refusals, stats (real PostgreSQL and Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from shop.flash_sale.service import make_token
+from shop.keys import Keys
+from tests.factories import make_address, make_product, stock_of
+from tests.shop.test_coupons import code_of, many_users
+
+ADMIN = "/api/v1/admin/flash-sales"
+SHOP = "/api/v1/flash-sales"
+_keys = itertools.count()
+
+
+def at(**delta) -> str:
+    return (datetime.now(UTC) + timedelta(**delta)).isoformat()
+
+
+async def make_sale(
+    client,
+    admin_headers,
+    db,
+    *,
+    quota: int = 20,
+    per_user_limit: int = 1,
+    stock: int = 100,
+    publish: bool = True,
+    starts: dict | None = None,
+    ends: dict | None = None,
+    **fields,
+) -> dict:
+    """A live event (started a second ago, ends in an hour) on one new SKU, unless overridden."""
+    _, (sku_id,) = await make_product(db, skus=[(9900, stock)])
+    body = {
+        "name": "直播秒杀",
+        "starts_at": at(**(starts if starts is not None else {"seconds": -1})),
+        "ends_at": at(**(ends if ends is not None else {"hours": 1})),
+        "items": [{"sku_id": sku_id, "flash_price": 990, "quota": quota, "per_user_limit": per_user_limit}],
+        **fields,
+    }
+    r = await client.post(ADMIN, json=body, headers=admin_headers)
+    assert r.status_code == 201, r.text
+    sale = r.json()
+    if publish:
+        r = await client.post(f"{ADMIN}/{sale['id']}/publish", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        sale = r.json()
+    return sale
+
+
+async def buyers(db, settings, n: int, sale_id: int) -> list[dict]:
+    """n shoppers, each with an address and a purchase token (made directly: no n logins)."""
+    users = await many_users(db, settings, n)
+    ids = [u for u, _ in users]
+    addresses = await db.fetch(
+        """insert into addresses (user_id, receiver, phone, province, city, district, detail, is_default)
+           select u, '张三', '13800138000', '广东省', '深圳市', '南山区', '科技园 1 号', true
+           from unnest($1::bigint[]) u returning id, user_id""",
+        ids,
+    )
+    by_user = {r["user_id"]: r["id"] for r in addresses}
+    expires = int(datetime.now(UTC).timestamp()) + 600
+    return [
+        {
+            "id": uid,
+            "headers": h,
+            "address_id": by_user[uid],
+            "token": make_token(settings, uid, sale_id, expires),
+        }
+        for uid, h in users
+    ]
+
+
+async def buy(
+    client, shopper: dict, sale: dict, *, qty: int = 1, key: str | None = None, item: int = 0, **over
+):
+    body = {"qty": qty, "address_id": shopper["address_id"], "token": shopper["token"], **over}
+    headers = dict(shopper["headers"])
+    if key:
+        headers["Idempotency-Key"] = key
+    item_id = sale["items"][item]["id"]
+    return await client.post(f"{SHOP}/{sale['id']}/items/{item_id}/orders", json=body, headers=headers)
+
+
+async def redis_item(app, sale: dict, item: int = 0) -> tuple[int, dict[int, int]]:
+    keys = Keys(app.state.settings.redis_prefix)
+    item_id = sale["items"][item]["id"]
+    remaining = int(await app.state.redis.hget(keys.flash_item(sale["id"], item_id), "remaining"))
+    bought = await app.state.redis.hgetall(keys.flash_bought(sale["id"], item_id))
+    return remaining, {int(k): int(v) for k, v in bought.items()}
+
+
+async def db_item(db, sale: dict, item: int = 0) -> tuple[int, dict[int, int]]:
+    item_id = sale["items"][item]["id"]
+    row = await db.fetchrow("select quota, sold from flash_sale_items where id = $1", item_id)
+    from shop.flash_sale.queries import bought_counts
+
+    return row["quota"] - row["sold"], await bought_counts(db, item_id)
+
+
+async def test_publish_sets_quota_aside_and_a_winner_gets_a_real_order(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=20, stock=100, pay_deadline_minutes=5)
+    sku_id = sale["items"][0]["sku_id"]
+    assert sale["status"] == "published"
+    assert sale["items"][0]["remaining"] == 20
+    assert await stock_of(db, sku_id) == 80  # ordinary checkout cannot sell the quota
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+
+    r = await buy(client, shopper, sale, qty=1)
+    assert r.status_code == 201, r.text
+    order = r.json()
+    assert order["kind"] == "flash_sale"
+    assert order["activity_id"] == sale["id"]
+    assert order["status"] == "pending_payment"
+    assert order["lines"][0]["unit_price"] == 990 and order["lines"][0]["sku_id"] == sku_id
+    assert order["items_amount"] == 990
+    assert order["address"]["receiver"] == "张三"
+    deadline = datetime.fromisoformat(order["pay_deadline"])
+    created = datetime.fromisoformat(order["created_at"])
+    assert timedelta(minutes=4, seconds=50) < deadline - created <= timedelta(minutes=5, seconds=1)
+    row = await db.fetchrow("select kind, activity_id, payable_amount from orders where id = $1", order["id"])
+    assert (row["kind"], row["activity_id"]) == ("flash_sale", sale["id"])
+    assert await db.fetchval("select count(*) from order_lines where order_id = $1", order["id"]) == 1
+    assert await db.fetchval("select count(*) from order_events where order_id = $1", order["id"]) == 1
+    assert await redis_item(app, sale) == await db_item(db, sale) == (19, {shopper["id"]: 1})
+    # The order reads back like any order.
+    r = await client.get(f"/api/v1/orders/{order['id']}", headers=shopper["headers"])
+    assert r.status_code == 200 and r.json()["kind"] == "flash_sale"
+
+
+async def test_publishing_more_than_the_stock_is_409_and_nothing_moves(client, db, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=50, stock=10, publish=False)
+    r = await client.post(f"{ADMIN}/{sale['id']}/publish", headers=admin_headers)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.insufficient_stock"
+    assert await stock_of(db, sale["items"][0]["sku_id"]) == 10
+    assert await db.fetchval("select status from flash_sales where id = $1", sale["id"]) == "draft"
+    r = await client.post(f"{ADMIN}/404404/publish", headers=admin_headers)
+    assert r.status_code == 404 and code_of(r) == "flash_sale.not_found"
+
+
+async def test_merchant_validation_auth_and_lists(client, db, admin_headers, make_user):
+    _, (sku_id,) = await make_product(db)
+    base = {"name": "x", "starts_at": at(hours=1), "ends_at": at(hours=2)}
+    item = {"sku_id": sku_id, "flash_price": 100, "quota": 5}
+    r = await client.post(ADMIN, json={**base, "items": [item]})
+    assert r.status_code == 401
+    _, shopper_headers = await make_user()
+    r = await client.post(ADMIN, json={**base, "items": [item]}, headers=shopper_headers)
+    assert r.status_code == 401
+    r = await client.post(
+        ADMIN, json={**base, "ends_at": at(minutes=30), "items": [item]}, headers=admin_headers
+    )
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "ends_at"
+    r = await client.post(ADMIN, json={**base, "items": [item, item]}, headers=admin_headers)
+    assert r.status_code == 422
+    r = await client.post(ADMIN, json={**base, "items": [{**item, "quota": 0}]}, headers=admin_headers)
+    assert r.status_code == 422
+    r = await client.post(ADMIN, json={**base, "items": [{**item, "sku_id": 999999}]}, headers=admin_headers)
+    assert r.status_code == 404 and code_of(r) == "catalog.sku_not_found"
+    r = await client.post(ADMIN, json={**base, "items": [item], "surprise": 1}, headers=admin_headers)
+    assert r.status_code == 422
+    r = await client.post(ADMIN, json={**base, "items": [item]}, headers=admin_headers)
+    assert r.status_code == 201 and r.json()["pay_deadline_minutes"] == 5
+    r = await client.get(ADMIN, params={"status": "draft"}, headers=admin_headers)
+    assert r.status_code == 200 and [s["id"] for s in r.json()["items"]] == [r.json()["items"][0]["id"]]
+    r = await client.get(f"{ADMIN}/999999", headers=admin_headers)
+    assert r.status_code == 404
+
+
+async def test_edit_until_start_moves_quota_in_postgresql_and_redis(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=20, stock=100, starts={"minutes": 10})
+    sku_id = sale["items"][0]["sku_id"]
+    body = {
+        "name": "直播秒杀 改",
+        "starts_at": sale["starts_at"],
+        "ends_at": sale["ends_at"],
+        "items": [{"sku_id": sku_id, "flash_price": 880, "quota": 30, "per_user_limit": 2}],
+    }
+    r = await client.put(f"{ADMIN}/{sale['id']}", json=body, headers=admin_headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["items"][0]["remaining"] == 30 and r.json()["items"][0]["flash_price"] == 880
+    assert await stock_of(db, sku_id) == 70
+    body["items"][0]["quota"] = 5
+    r = await client.put(f"{ADMIN}/{sale['id']}", json=body, headers=admin_headers)
+    assert r.status_code == 200 and r.json()["items"][0]["remaining"] == 5
+    assert await stock_of(db, sku_id) == 95
+    body["items"][0]["quota"] = 500
+    r = await client.put(f"{ADMIN}/{sale['id']}", json=body, headers=admin_headers)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.insufficient_stock"
+    assert await stock_of(db, sku_id) == 95
+    assert (await redis_item(app, sale))[0] == 5
+    # Once started, the rules are fixed.
+    await db.execute(
+        "update flash_sales set starts_at = now() - interval '1 second' where id = $1", sale["id"]
+    )
+    body["items"][0]["quota"] = 6
+    r = await client.put(f"{ADMIN}/{sale['id']}", json=body, headers=admin_headers)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.started"
+
+
+async def test_window_token_and_refusal_codes(client, app, db, settings, admin_headers, make_user):
+    sale = await make_sale(client, admin_headers, db, quota=5, starts={"minutes": 10})
+    user_id, headers = await make_user()
+    address_id = await make_address(db, user_id)
+    # No token before the start: scripts cannot pre-fire.
+    r = await client.get(f"{SHOP}/{sale['id']}/token", headers=headers)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.not_started"
+    r = await client.get(f"{SHOP}/{sale['id']}/token")
+    assert r.status_code == 401
+    r = await client.get(f"{SHOP}/999999/token", headers=headers)
+    assert r.status_code == 404
+    shopper = {"id": user_id, "headers": headers, "address_id": address_id}
+    # A token forged for a later expiry, or made for another shopper, is refused without Redis.
+    r = await buy(client, {**shopper, "token": "9999999999.forged"}, sale)
+    assert r.status_code == 403 and code_of(r) == "flash_sale.token_invalid"
+    other = make_token(settings, user_id + 1, sale["id"], int(datetime.now(UTC).timestamp()) + 60)
+    r = await buy(client, {**shopper, "token": other}, sale)
+    assert r.status_code == 403 and code_of(r) == "flash_sale.token_invalid"
+    stale = make_token(settings, user_id, sale["id"], int(datetime.now(UTC).timestamp()) - 1)
+    r = await buy(client, {**shopper, "token": stale}, sale)
+    assert r.status_code == 403 and code_of(r) == "flash_sale.token_expired"
+    good = make_token(settings, user_id, sale["id"], int(datetime.now(UTC).timestamp()) + 60)
+    shopper["token"] = good
+    r = await buy(client, shopper, sale)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.not_started"
+    r = await client.post(
+        f"{SHOP}/{sale['id']}/items/{sale['items'][0]['id']}/orders",
+        json={"qty": 1, "address_id": address_id},
+        headers=headers,
+    )
+    assert r.status_code == 422  # the token is required
+    r = await client.post(
+        f"{SHOP}/{sale['id']}/items/{sale['items'][0]['id']}/orders",
+        json={"qty": 1, "address_id": address_id, "token": good},
+    )
+    assert r.status_code == 401
+    r = await buy(client, shopper, sale, qty=0)
+    assert r.status_code == 422
+
+    # Live: the token endpoint answers, and the purchase goes through with it.
+    await db.execute(
+        "update flash_sales set starts_at = now() - interval '1 second' where id = $1", sale["id"]
+    )
+    await app.state.redis.hset(Keys(settings.redis_prefix).flash_state(sale["id"]), "starts_ms", 0)
+    app.state.flash_windows.clear()  # the window is cached for half a second
+    r = await client.get(f"{SHOP}/{sale['id']}/token", headers=headers)
+    assert r.status_code == 200
+    shopper["token"] = r.json()["token"]
+    r = await buy(client, shopper, sale)
+    assert r.status_code == 201
+    r = await buy(client, shopper, sale)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.limit_exceeded"
+    r = await client.post(
+        f"{SHOP}/{sale['id']}/items/999999/orders",
+        json={"qty": 1, "address_id": address_id, "token": shopper["token"]},
+        headers=headers,
+    )
+    assert r.status_code == 404 and code_of(r) == "flash_sale.not_found"
+
+    # Stopped early: ended, and the unsold units are back in SKU stock at once.
+    r = await client.post(f"{ADMIN}/{sale['id']}/stop", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["status"] == "settled"
+    assert await stock_of(db, sale["items"][0]["sku_id"]) == 100 - 1
+    other_user = (await buyers(db, settings, 1, sale["id"]))[0]
+    r = await buy(client, other_user, sale)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.ended"
+    r = await client.post(f"{ADMIN}/{sale['id']}/stop", headers=admin_headers)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.illegal_transition"
+
+
+async def test_idempotency_key_replays_the_same_order(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=3)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    first, second = await asyncio.gather(
+        buy(client, shopper, sale, key="k-1"), buy(client, shopper, sale, key="k-1")
+    )
+    assert {first.status_code, second.status_code} == {201}
+    assert first.json()["id"] == second.json()["id"]
+    third = await buy(client, shopper, sale, key="k-1")
+    assert third.status_code == 201 and third.json()["id"] == first.json()["id"]
+    assert third.headers["Idempotent-Replayed"] == "true"
+    r = await buy(client, shopper, sale, key="k-1", qty=2)
+    assert r.status_code == 422 and code_of(r) == "idempotency.mismatch"
+    assert await db.fetchval("select count(*) from orders") == 1
+    assert await redis_item(app, sale) == await db_item(db, sale) == (9, {shopper["id"]: 1})
+
+
+async def test_sold_out_is_answered_from_memory_and_returned_units_sell_again(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=1)
+    a, b = await buyers(db, settings, 2, sale["id"])
+    first = await buy(client, a, sale)
+    assert first.status_code == 201
+    r = await buy(client, b, sale)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.sold_out"
+    assert app.state.flash_sold_out  # this process now answers sold-out without Redis
+
+    # The winner cancels: the unit goes back to the quota in PostgreSQL and (after commit) in Redis.
+    r = await client.post(f"/api/v1/orders/{first.json()['id']}/cancel", headers=a["headers"])
+    assert r.status_code == 200, r.text
+    assert await redis_item(app, sale) == await db_item(db, sale) == (1, {})
+    assert await db.fetchval("select redis_done from flash_sale_returns") is True
+    r = await buy(client, b, sale)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.sold_out"  # the flag, for up to a second
+    await asyncio.sleep(settings.flash_sold_out_seconds)
+    r = await buy(client, b, sale)
+    assert r.status_code == 201
+    assert await redis_item(app, sale) == await db_item(db, sale) == (0, {b["id"]: 1})
+
+
+async def test_rate_limits_are_429_with_retry_after(client, db, settings, admin_headers):
+    sale = await make_sale(
+        client, admin_headers, db, quota=100, per_user_limit=100, user_rate_limit=3, ip_rate_limit=1000
+    )
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    results = [await buy(client, shopper, sale) for _ in range(5)]
+    assert [r.status_code for r in results] == [201, 201, 201, 429, 429]
+    assert code_of(results[3]) == "rate_limited" and int(results[3].headers["Retry-After"]) >= 1
+
+    ip_sale = await make_sale(client, admin_headers, db, quota=100, user_rate_limit=10, ip_rate_limit=3)
+    shoppers = await buyers(db, settings, 5, ip_sale["id"])
+    results = [await buy(client, s, ip_sale) for s in shoppers]
+    assert [r.status_code for r in results] == [201, 201, 201, 429, 429]
+    # Behind a trusted proxy (127.0.0.1 here), X-Forwarded-For names the client: another IP, another bucket.
+    s = shoppers[4]
+    r = await buy(client, {**s, "headers": {**s["headers"], "X-Forwarded-For": "203.0.113.9"}}, ip_sale)
+    assert r.status_code == 201
+
+
+async def test_shopper_list_and_merchant_stats(client, app, db, settings, admin_headers):
+    live = await make_sale(client, admin_headers, db, quota=10, per_user_limit=2)
+    upcoming = await make_sale(client, admin_headers, db, quota=3, starts={"hours": 1}, ends={"hours": 2})
+    draft = await make_sale(client, admin_headers, db, publish=False)
+    shoppers = await buyers(db, settings, 2, live["id"])
+    await buy(client, shoppers[0], live, qty=2)
+    r = await buy(client, shoppers[1], live, qty=1)
+    assert r.status_code == 201
+    r = await client.get(SHOP)
+    assert r.status_code == 200
+    listed = {s["id"]: s for s in r.json()["items"]}
+    assert draft["id"] not in listed
+    assert listed[live["id"]]["phase"] == "live" and listed[live["id"]]["items"][0]["remaining"] == 7
+    assert (
+        listed[upcoming["id"]]["phase"] == "upcoming" and listed[upcoming["id"]]["items"][0]["remaining"] == 3
+    )
+    # Served from the process cache: a new sale shows up only after it expires.
+    await buy(client, shoppers[1], live, qty=1)
+    assert (await client.get(SHOP)).json() == r.json()
+    app.state.flash_showcase.expires = 0
+    listed = {s["id"]: s for s in (await client.get(SHOP)).json()["items"]}
+    assert listed[live["id"]]["items"][0]["remaining"] == 6
+
+    # One order paid: stats count it in paid orders and GMV.
+    order_id = await db.fetchval(
+        "select order_id from flash_sale_orders where user_id = $1", shoppers[0]["id"]
+    )
+    payable = await db.fetchval("select payable_amount from orders where id = $1", order_id)
+    await db.execute(
+        "update orders set status = 'paid', paid_amount = payable_amount, paid_at = now() where id = $1",
+        order_id,
+    )
+    r = await client.get(f"{ADMIN}/{live['id']}/stats", headers=admin_headers)
+    assert r.status_code == 200
+    stats = r.json()
+    assert (stats["sold"], stats["remaining"], stats["orders"], stats["paid_orders"], stats["buyers"]) == (
+        4,
+        6,
+        3,
+        1,
+        2,
+    )
+    assert stats["gmv"] == payable
+    assert stats["items"][0]["paid_units"] == 2
+    r = await client.get(f"{ADMIN}/999999/stats", headers=admin_headers)
+    assert r.status_code == 404

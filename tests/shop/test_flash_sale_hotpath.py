@@ -1,0 +1,358 @@
+"""The flash-sale hot path under real concurrency: the crowd, bursts, dead API processes, timeouts, settlement, Redis loss."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from shop.flash_sale import service
+from shop.flash_sale.jobs import restore_flash_returns, settle_flash_sales
+from shop.hotpath import encode_payload, new_reservation_id
+from shop.hotpath.jobs import persist_all_streams
+from shop.keys import Keys
+from shop.orders.service import cancel_expired_orders
+from shop.reconcile import reconcile
+from shop.worker import JobContext
+from tests.factories import stock_of
+from tests.shop.test_coupons import code_of
+from tests.shop.test_flash_sale import ADMIN, buy, buyers, db_item, make_sale, redis_item
+from tests.shop.test_payments import notify, open_payment, signed
+from tests.shop.test_serve import free_port
+
+
+def ctx_of(app) -> JobContext:
+    state = app.state
+    return JobContext(
+        state.settings, state.pool, state.redis, state.scripts, Keys(state.settings.redis_prefix)
+    )
+
+
+async def assert_consistent(app, db, sale: dict) -> None:
+    """Redis = PostgreSQL for the item, and PostgreSQL's own counts agree with its order rows."""
+    assert await redis_item(app, sale) == await db_item(db, sale)
+    item_id = sale["items"][0]["id"]
+    live_units = await db.fetchval(
+        """select coalesce(sum(l.qty), 0) from flash_sale_orders f join order_lines l on l.order_id = f.order_id
+           join orders o on o.id = f.order_id where f.item_id = $1 and o.status <> 'cancelled'""",
+        item_id,
+    )
+    assert live_units == await db.fetchval("select sold from flash_sale_items where id = $1", item_id)
+
+
+async def test_ten_thousand_shoppers_for_a_hundred_units(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=100, ip_rate_limit=1_000_000)
+    crowd = await buyers(db, settings, 10_000, sale["id"])
+    gate = asyncio.Semaphore(300)  # a few hundred in flight at once
+    statuses: dict[int, int] = {}
+    codes: dict[str, int] = {}
+
+    async def attempt(shopper):
+        async with gate:
+            r = await buy(client, shopper, sale)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code != 201:
+            codes[code_of(r)] = codes.get(code_of(r), 0) + 1
+
+    await asyncio.gather(*(attempt(s) for s in crowd))
+    assert statuses == {201: 100, 409: 9_900}
+    assert codes == {"flash_sale.sold_out": 9_900}
+    assert await db.fetchval("select count(*) from orders where kind = 'flash_sale'") == 100
+    assert await db.fetchval("select count(distinct user_id) from orders") == 100
+    assert await redis_item(app, sale) == await db_item(db, sale)
+    assert (await redis_item(app, sale))[0] == 0
+    await assert_consistent(app, db, sale)
+
+
+async def test_one_shoppers_burst_of_thirty_gets_at_most_the_limit(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=50, per_user_limit=2, user_rate_limit=1000)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    results = await asyncio.gather(*(buy(client, shopper, sale) for _ in range(30)))
+    assert sorted(r.status_code for r in results) == [201, 201] + [409] * 28
+    assert {code_of(r) for r in results if r.status_code == 409} == {"flash_sale.limit_exceeded"}
+    assert await db.fetchval("select sum(qty) from flash_sale_orders where user_id = $1", shopper["id"]) == 2
+    assert await redis_item(app, sale) == await db_item(db, sale) == (48, {shopper["id"]: 2})
+
+
+async def reserve_without_persisting(app, sale: dict, shopper: dict, qty: int = 1) -> str:
+    """What an API process that died right after the script leaves behind: an entry, no order."""
+    keys = Keys(app.state.settings.redis_prefix)
+    sale_id, item_id = sale["id"], sale["items"][0]["id"]
+    rid = new_reservation_id()
+    now = int(time.time() * 1000)
+    payload = {"e": sale_id, "i": item_id, "q": qty, "a": shopper["address_id"], "at": now}
+    reply = await app.state.scripts.flash_buy(
+        keys=[
+            keys.flash_state(sale_id),
+            keys.flash_item(sale_id, item_id),
+            keys.flash_bought(sale_id, item_id),
+            keys.flash_idem(sale_id, shopper["id"], None),
+            keys.flash_user_rate(sale_id, shopper["id"]),
+            keys.flash_ip_rate(sale_id, "10.0.0.1"),
+            keys.flash_stream(sale_id),
+        ],
+        args=[now, shopper["id"], qty, rid, encode_payload(payload), "0", 60, f"{item_id}:{qty}", item_id],
+    )
+    assert reply[0] == "ok"
+    return rid
+
+
+async def test_worker_persists_a_reservation_the_api_died_on_once(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=5, per_user_limit=2)
+    shoppers = await buyers(db, settings, 2, sale["id"])
+    rid = await reserve_without_persisting(app, sale, shoppers[0], qty=2)
+    assert (await buy(client, shoppers[1], sale)).status_code == 201
+    assert await db.fetchval("select count(*) from flash_sale_orders where reservation_id = $1", rid) == 0
+    ctx = ctx_of(app)
+    assert await persist_all_streams(ctx) >= 1
+    await persist_all_streams(ctx)
+    order_id = await db.fetchval("select order_id from flash_sale_orders where reservation_id = $1", rid)
+    order = await db.fetchrow(
+        "select user_id, kind, items_amount, address from orders where id = $1", order_id
+    )
+    assert (order["user_id"], order["kind"], order["items_amount"]) == (shoppers[0]["id"], "flash_sale", 1980)
+    assert order["address"]["receiver"] == "张三"
+    assert await db.fetchval("select count(*) from orders") == 2
+    await assert_consistent(app, db, sale)
+
+
+@pytest.mark.slow
+async def test_api_process_killed_between_reservation_and_write(client, app, db, settings, admin_headers):
+    """A real `shop serve` pauses after the Lua reservation (fault injection), is killed -9; the worker persists."""
+    sale = await make_sale(client, admin_headers, db, quota=3)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    port = free_port()
+    env = {
+        **os.environ,
+        "SHOP_ENV": "test",
+        "SHOP_DATABASE_URL": settings.database_url,
+        "SHOP_REDIS_URL": settings.redis_url,
+        "SHOP_REDIS_PREFIX": settings.redis_prefix,
+        "SHOP_LOG_REQUESTS": "false",
+        "SHOP_FLASH_FAULT_PAUSE_SECONDS": "120",
+        "PROMETHEUS_MULTIPROC_DIR": "",
+    }
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a real server process is the point
+        [
+            sys.executable,
+            "-m",
+            "shop.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: kill -9 takes the server and its worker
+    )
+    base = f"http://127.0.0.1:{port}"
+    stream = Keys(settings.redis_prefix).flash_stream(sale["id"])
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=5) as probe:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if (await probe.get("/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "shop serve did not become ready"
+                await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=base, timeout=30) as remote:
+            pending = asyncio.create_task(buy(remote, shopper, sale, key="order-once"))
+            deadline = time.monotonic() + 15
+            while await app.state.redis.xlen(stream) == 0:
+                assert time.monotonic() < deadline, "the reservation never reached Redis"
+                await asyncio.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            with pytest.raises(httpx.TransportError):
+                await pending
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert await db.fetchval("select count(*) from orders") == 0
+    started = time.monotonic()
+    await persist_all_streams(ctx_of(app))
+    assert time.monotonic() - started < 5
+    assert await db.fetchval("select count(*) from orders") == 1
+    # The shopper retries with the same key: the same order, no duplicate.
+    r = await buy(client, shopper, sale, key="order-once")
+    assert r.status_code == 201 and r.headers["Idempotent-Replayed"] == "true"
+    assert r.json()["id"] == await db.fetchval("select id from orders")
+    await persist_all_streams(ctx_of(app))
+    assert await db.fetchval("select count(*) from orders") == 1
+    await assert_consistent(app, db, sale)
+
+
+async def test_unpaid_timeout_returns_units_once_and_they_sell_again(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=3)
+    shoppers = await buyers(db, settings, 6, sale["id"])
+    results = await asyncio.gather(*(buy(client, s, sale) for s in shoppers[:4]))
+    assert sorted(r.status_code for r in results) == [201, 201, 201, 409]
+    await db.execute("update orders set pay_deadline = now() - interval '1 second'")
+    # Several workers cancel at once: each order is cancelled (and its unit returned) once.
+    counts = await asyncio.gather(*(cancel_expired_orders(app.state.pool) for _ in range(4)))
+    assert sum(counts) == 3
+    assert await db.fetchval("select count(*) from flash_sale_returns") == 3
+    assert await db_item(db, sale) == (3, {})
+    # Redis got them back after commit (the callback), or gets them from the worker's job: once either way.
+    await restore_flash_returns(ctx_of(app))
+    await restore_flash_returns(ctx_of(app))
+    assert await redis_item(app, sale) == (3, {})
+    app.state.flash_sold_out.clear()  # a second later in production
+    again = await asyncio.gather(*(buy(client, s, sale) for s in shoppers[3:]))
+    assert [r.status_code for r in again] == [201, 201, 201]
+    await assert_consistent(app, db, sale)
+    assert await stock_of(db, sale["items"][0]["sku_id"]) == 97
+
+
+async def test_returns_without_a_bound_process_are_applied_by_the_worker(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=2)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    assert (await buy(client, shopper, sale)).status_code == 201
+    await db.execute("update orders set pay_deadline = now() - interval '1 second'")
+    service._runtime.clear()  # a worker process whose flash-sale jobs have not run yet
+    assert await cancel_expired_orders(app.state.pool) == 1
+    assert (await redis_item(app, sale))[0] == 1
+    assert (await reconcile(settings)).found == []  # a pending return is expected, not a difference
+    await asyncio.sleep(0.25)
+    assert await restore_flash_returns(ctx_of(app)) == 1
+    assert await redis_item(app, sale) == await db_item(db, sale) == (2, {})
+    assert await restore_flash_returns(ctx_of(app)) == 0
+
+
+async def test_payment_racing_the_timeout_ends_in_exactly_one_outcome(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=40)
+    shoppers = await buyers(db, settings, 40, sale["id"])
+    orders = [(await buy(client, s, sale)).json() for s in shoppers]
+    payments = [await open_payment(client, s["headers"], o) for s, o in zip(shoppers, orders, strict=True)]
+    await db.execute("update orders set pay_deadline = now() - interval '1 second'")
+    notices = [signed(settings, p, transaction_id=f"TX{i}") for i, p in enumerate(payments)]
+    results = await asyncio.gather(
+        *(notify(client, h, body) for h, body in notices),
+        *(cancel_expired_orders(app.state.pool, batch=5) for _ in range(10)),
+    )
+    assert all(r.status_code == 200 for r in results[:40])
+    while await cancel_expired_orders(app.state.pool):
+        pass
+    await restore_flash_returns(ctx_of(app))
+    rows = await db.fetch("select status, count(*) as n from orders group by status")
+    by_status = {r["status"]: r["n"] for r in rows}
+    assert sum(by_status.values()) == 40 and set(by_status) <= {"paid", "cancelled"}
+    cancelled = by_status.get("cancelled", 0)
+    # Each cancelled order gave its unit back once; paid ones kept theirs.
+    assert await db.fetchval("select coalesce(sum(qty), 0) from flash_sale_returns") == cancelled
+    assert await redis_item(app, sale) == await db_item(db, sale)
+    assert (await redis_item(app, sale))[0] == cancelled
+    await assert_consistent(app, db, sale)
+
+
+async def test_settlement_returns_unsold_units_to_stock_exactly_once(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=10, stock=50)
+    shoppers = await buyers(db, settings, 3, sale["id"])
+    for s in shoppers:
+        assert (await buy(client, s, sale)).status_code == 201
+    sku_id = sale["items"][0]["sku_id"]
+    assert await stock_of(db, sku_id) == 40
+    ctx = ctx_of(app)
+    assert await settle_flash_sales(ctx) == 0  # not over yet
+    await db.execute(
+        "update flash_sales set starts_at = now() - interval '2 hours', ends_at = now() - interval '1 minute'"
+    )
+    done = await asyncio.gather(*(settle_flash_sales(ctx) for _ in range(4)))
+    assert sum(done) == 1
+    assert await stock_of(db, sku_id) == 47
+    row = await db.fetchrow("select status, settled_at from flash_sales")
+    assert row["status"] == "settled" and row["settled_at"] is not None
+    assert await db.fetchval("select returned_to_stock from flash_sale_items") == 7
+    r = await buy(client, shoppers[0], sale)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.ended"
+    # An order that times out after settlement gives its unit to SKU stock, not to the closed event.
+    await db.execute("update orders set pay_deadline = now() - interval '1 second'")
+    assert await cancel_expired_orders(app.state.pool) == 3
+    assert await stock_of(db, sku_id) == 50
+    assert await db.fetchval("select count(*) from flash_sale_returns") == 0
+    r = await client.get(f"{ADMIN}/{sale['id']}/stats", headers=admin_headers)
+    assert r.json()["status"] == "settled" and r.json()["items"][0]["returned_to_stock"] == 7
+
+
+async def test_redis_flushed_mid_sale_is_rebuilt_by_reconcile_with_no_oversell(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=30, per_user_limit=2)
+    shoppers = await buyers(db, settings, 60, sale["id"])
+    first = await asyncio.gather(*(buy(client, s, sale) for s in shoppers[:10]))
+    assert all(r.status_code == 201 for r in first)
+    # Redis loses everything of the event (a restart without persistence).
+    keys = [k async for k in app.state.redis.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
+    await app.state.redis.delete(*keys)
+    app.state.flash_sold_out.clear()
+    r = await buy(client, shoppers[11], sale)
+    assert r.status_code == 503 and code_of(r) == "flash_sale.not_ready"
+    report = await reconcile(settings)
+    assert report.found and report.remaining == report.found
+    report = await reconcile(settings, fix=True)
+    assert report.remaining == []
+    assert (await reconcile(settings)).found == []
+    # The shoppers who bought before the loss still cannot go over their limit.
+    again = await buy(client, shoppers[0], sale, qty=2)
+    assert again.status_code == 409 and code_of(again) == "flash_sale.limit_exceeded"
+    rest = await asyncio.gather(*(buy(client, s, sale) for s in shoppers[11:]))
+    assert [r.status_code for r in rest].count(201) == 30 - 10
+    assert {code_of(r) for r in rest if r.status_code != 201} == {"flash_sale.sold_out"}
+    assert await db.fetchval("select sum(qty) from flash_sale_orders") == 30
+    await assert_consistent(app, db, sale)
+
+
+async def test_reconcile_reports_and_fixes_corrupted_counters(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=3)
+    shoppers = await buyers(db, settings, 3, sale["id"])
+    for s in shoppers:
+        assert (await buy(client, s, sale, qty=2)).status_code == 201
+    assert (await reconcile(settings)).found == []
+    keys = Keys(settings.redis_prefix)
+    item_id = sale["items"][0]["id"]
+    await app.state.redis.hset(keys.flash_item(sale["id"], item_id), "remaining", 9)
+    await app.state.redis.hdel(keys.flash_bought(sale["id"], item_id), str(shoppers[0]["id"]))
+    report = await reconcile(settings)
+    fields = sorted(d.field for d in report.found)
+    assert fields == sorted(
+        [f"item {item_id} remaining", f"item {item_id} units of user {shoppers[0]['id']}"]
+    )
+    remaining = next(d for d in report.found if d.field.endswith("remaining"))
+    assert (remaining.expected, remaining.actual) == ("4", "9")
+    report = await reconcile(settings, fix=True)
+    assert report.remaining == []
+    assert (
+        await redis_item(app, sale)
+        == await db_item(db, sale)
+        == (
+            4,
+            {s["id"]: 2 for s in shoppers},
+        )
+    )
+    r = await buy(client, shoppers[0], sale, qty=2)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.limit_exceeded"
+    assert json.loads(r.text)["error"]["code"] == "flash_sale.limit_exceeded"
