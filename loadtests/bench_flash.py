@@ -45,7 +45,8 @@ APPS = {
 }
 
 
-def start(app: str, port: int, workers: int, env: dict) -> subprocess.Popen:
+def start(app: str, port: int, workers: int, env: dict, apps: dict[str, str] = APPS) -> subprocess.Popen:
+    """`shop serve`, or a reference app (by name in `apps`) under the same server and worker count."""
     if app == "shop":
         cmd = [
             sys.executable,
@@ -76,7 +77,7 @@ def start(app: str, port: int, workers: int, env: dict) -> subprocess.Popen:
             "--no-access-log",
             "--log-level",
             "warning",
-            APPS[app],
+            apps[app],
         ]
     return subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -92,25 +93,25 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def wait_ready(port: int) -> None:
+def wait_ready(port: int, probe: str = "/api/v1/flash-sales/0/items/0/orders") -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            httpx.post(f"http://127.0.0.1:{port}/api/v1/flash-sales/0/items/0/orders", timeout=1)
+            httpx.post(f"http://127.0.0.1:{port}{probe}", timeout=1)
             return
         except httpx.TransportError:
             time.sleep(0.3)
     raise RuntimeError(f"server on {port} did not start")
 
 
-def wrk(port: int, path: str, shoppers: Path, args) -> dict:
+def wrk(port: int, path: str, shoppers: Path, args, script: Path = HERE / "wrk" / "buy.lua") -> dict:
     env = {**os.environ, "BENCH_PATH": path, "BENCH_SHOPPERS": str(shoppers)}
     base = [
         "wrk",
         f"-t{args.threads}",
         f"-c{args.connections}",
         "-s",
-        str(HERE / "wrk" / "buy.lua"),
+        str(script),
         "--latency",
     ]
     url = f"http://127.0.0.1:{port}{path}"

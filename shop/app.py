@@ -25,10 +25,13 @@ from shop.redis import Scripts, create_redis
 from shop.settings import Settings, load_settings, with_default_urls
 
 SWAGGER_DIR = Path(swagger_ui_bundle.__file__).parent / "vendor" / "swagger-ui-4.15.5"
+
+
 def route_handlers() -> list:
+    from games.api import ROUTES as GAME_ROUTES
     from shop.routes import ROUTES
 
-    return ROUTES
+    return [*ROUTES, *GAME_ROUTES]
 
 
 def create_app(settings: Settings | None = None) -> Litestar:

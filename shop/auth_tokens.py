@@ -43,7 +43,28 @@ def issue_access_token(settings: Settings, subject: int, audience: str, **claims
     return jwt.encode(payload, settings.jwt_key_map[kid], algorithm="HS256", headers={"kid": kid})
 
 
+# Verified tokens by (token, audience, keys, issuer): a shopper sends the same token many times,
+# and PyJWT's full check costs ~60 µs. Only `exp` is re-checked on a hit; the signature and the
+# other claims cannot change for the same token string and keys.
+_VERIFIED: dict[tuple[str, str, str, str], dict] = {}
+_VERIFIED_MAX = 100_000
+
+
 def decode_access_token(settings: Settings, token: str, audience: str) -> dict:
+    cache_key = (token, audience, settings.jwt_keys, settings.jwt_issuer)
+    claims = _VERIFIED.get(cache_key)
+    if claims is not None:
+        if claims["exp"] > time.time():
+            return claims
+        del _VERIFIED[cache_key]
+    claims = _verify_access_token(settings, token, audience)
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED[cache_key] = claims
+    return claims
+
+
+def _verify_access_token(settings: Settings, token: str, audience: str) -> dict:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:

@@ -21,7 +21,7 @@ from shop.keys import Keys
 from shop.settings import Settings
 
 # Modules whose import registers checkers; a hot path that keeps counters in Redis adds its module.
-RECONCILE_MODULES: list[str] = ["shop.coupons.service", "shop.flash_sale.service"]
+RECONCILE_MODULES: list[str] = ["shop.coupons.service", "shop.flash_sale.service", "games.engine"]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shop import auth, refunds, users
+from shop import auth, points, refunds, users
 from shop.catalog import api as catalog_api  # Engineer B: catalog
 from shop.coupons import api as coupons_api
 from shop.flash_sale import api as flash_sale_api
@@ -21,4 +21,5 @@ ROUTES: list = [
     *catalog_api.ROUTES,
     *coupons_api.ROUTES,
     *flash_sale_api.ROUTES,
+    *points.ROUTES,
 ]

@@ -181,4 +181,8 @@ async def seed(settings: Settings, verbose: bool = False) -> dict[str, int | boo
             else "demo catalog: already present"
         )
         print("demo coupon: created" if coupons_created else "demo coupon: already present")
-    return {"admin_created": admin_created, "products_created": products_created, "coupons_created": coupons_created}
+    return {
+        "admin_created": admin_created,
+        "products_created": products_created,
+        "coupons_created": coupons_created,
+    }

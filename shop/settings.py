@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -74,7 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         keys = parse_jwt_keys(self.jwt_keys)
         if self.env == "production":
             if self.flash_fault_pause_seconds:
-                raise SettingsError("SHOP_FLASH_FAULT_PAUSE_SECONDS is a test-only fault injection, refused in production")
+                raise SettingsError(
+                    "SHOP_FLASH_FAULT_PAUSE_SECONDS is a test-only fault injection, refused in production"
+                )
             if self.payment_provider == "sandbox":
                 raise SettingsError("SHOP_PAYMENT_PROVIDER=sandbox is refused in production")
             if self.jwt_keys == DEV_JWT_KEYS:
@@ -95,11 +100,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return next(iter(parse_jwt_keys(self.jwt_keys)))
 
     @property
-    def jwt_key_map(self) -> dict[str, str]:
+    def jwt_key_map(self) -> Mapping[str, str]:
         return parse_jwt_keys(self.jwt_keys)
 
 
-def parse_jwt_keys(raw: str) -> dict[str, str]:
+@functools.lru_cache(maxsize=16)
+def parse_jwt_keys(raw: str) -> Mapping[str, str]:
     keys: dict[str, str] = {}
     for part in raw.split(","):
         part = part.strip()
@@ -113,7 +119,7 @@ def parse_jwt_keys(raw: str) -> dict[str, str]:
         keys[kid] = secret
     if not keys:
         raise SettingsError("SHOP_JWT_KEYS must name at least one key")
-    return keys
+    return MappingProxyType(keys)  # cached and shared: read-only
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:

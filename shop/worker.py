@@ -34,6 +34,8 @@ JOB_MODULES: list[str] = [
     "shop.hotpath.jobs",
     "shop.coupons.jobs",
     "shop.flash_sale.jobs",
+    "shop.points",
+    "games.jobs",
 ]
 # On shutdown a run in progress gets this long to finish before it is cancelled.
 SHUTDOWN_GRACE_SECONDS = 30.0

@@ -95,7 +95,9 @@ class WeChatPayProvider:
             raise ProviderError(str(exc)) from exc
         if not paid.paid:
             raise ProviderError(f"{out_trade_no} is {paid.trade_state} at WeChat Pay")
-        log.warning("closed payment was already paid at WeChat Pay", extra={"fields": {"out_trade_no": out_trade_no}})
+        log.warning(
+            "closed payment was already paid at WeChat Pay", extra={"fields": {"out_trade_no": out_trade_no}}
+        )
         return PaidNotice(paid.out_trade_no, paid.transaction_id, paid.amount_total, resource)
 
     async def refund(

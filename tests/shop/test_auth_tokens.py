@@ -146,3 +146,23 @@ async def test_key_rotation_old_kid_verifies_while_listed(settings, make_user):
         assert (await client.get("/api/v1/me", headers=bearer(new_token))).status_code == 200
         # The old key's id with the new secret is still a forgery for the old kid.
         await assert_refused(client, sign(new_only, claims(new_only, user_id), kid="old"))
+
+
+async def test_a_cached_token_still_expires(client, settings, make_user):
+    import asyncio
+
+    user_id, _ = await make_user()
+    token = sign(settings, claims(settings, user_id, exp=int(time.time()) + 2))
+    r = await client.get("/api/v1/me", headers=bearer(token))
+    assert r.status_code == 200  # verified, and now cached
+    assert (await client.get("/api/v1/me", headers=bearer(token))).status_code == 200
+    await asyncio.sleep(2.1)
+    r = await client.get("/api/v1/me", headers=bearer(token))
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "auth.token_expired")
+    # A tampered copy of a cached token is not a cache hit.
+    head, payload, sig = token.split(".")
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    forged["sub"] = str(user_id + 1)
+    forged_payload = base64.urlsafe_b64encode(json.dumps(forged).encode()).decode().rstrip("=")
+    r = await client.get("/api/v1/me", headers=bearer(f"{head}.{forged_payload}.{sig}"))
+    assert r.status_code == 401

@@ -345,7 +345,9 @@ async def test_checkouts_racing_cancels_and_timeouts_never_deadlock(client, app,
 
     async def buy(i: int):
         _, headers, address_id = buyers[i % len(buyers)]
-        return await place(client, headers, address_id, [{"sku_id": s, "qty": 1} for s in combos[i % len(combos)]])
+        return await place(
+            client, headers, address_id, [{"sku_id": s, "qty": 1} for s in combos[i % len(combos)]]
+        )
 
     first = await asyncio.gather(*(buy(i) for i in range(40)))
     assert {r.status_code for r in first} == {201}
@@ -358,7 +360,10 @@ async def test_checkouts_racing_cancels_and_timeouts_never_deadlock(client, app,
     by_user = {b[0]: b[1] for b in buyers}
     results = await asyncio.gather(
         *(buy(i) for i in range(40, 80)),
-        *(client.post(f"/api/v1/orders/{o['id']}/cancel", headers=by_user[o["user_id"]]) for o in orders[20:30]),
+        *(
+            client.post(f"/api/v1/orders/{o['id']}/cancel", headers=by_user[o["user_id"]])
+            for o in orders[20:30]
+        ),
         *(cancel_expired_orders(app.state.pool, batch=5) for _ in range(4)),
     )
     assert {r.status_code for r in results[:50]} == {201, 200}

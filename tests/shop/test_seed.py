@@ -14,7 +14,11 @@ COUNTS = """select (select count(*) from categories) as categories, (select coun
 
 async def test_seed_is_idempotent_and_browsable(settings, db, client, make_user):
     first = await seed(settings)
-    assert first == {"admin_created": True, "products_created": first["products_created"], "coupons_created": 1}
+    assert first == {
+        "admin_created": True,
+        "products_created": first["products_created"],
+        "coupons_created": 1,
+    }
     assert first["products_created"] >= 12
     counts = dict(await db.fetchrow(COUNTS))
 

@@ -218,8 +218,13 @@ async def test_timed_out_payment_is_closed_and_a_late_payment_refunded(
     # WeChat's record at once (refund), without waiting for the delayed notification.
     assert await sync_payment_closes(pool, settings, providers) == 2
     assert fake_wechatpay.orders[late_payment["out_trade_no"]]["trade_state"] == "CLOSED"
-    rows = {r["out_trade_no"]: (r["status"], r["close_synced"]) for r in await db.fetch("select * from payments")}
-    assert rows == {late_payment["out_trade_no"]: ("closed", True), raced_payment["out_trade_no"]: ("paid", True)}
+    rows = {
+        r["out_trade_no"]: (r["status"], r["close_synced"]) for r in await db.fetch("select * from payments")
+    }
+    assert rows == {
+        late_payment["out_trade_no"]: ("closed", True),
+        raced_payment["out_trade_no"]: ("paid", True),
+    }
     assert await db.fetchval("select count(*) from refunds where origin = 'system'") == 1
     assert await sync_payment_closes(pool, settings, providers) == 0
 

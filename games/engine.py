@@ -1,0 +1,656 @@
+"""The shared draw engine: chances, prize stock, sealed results and prize delivery for every game.
+
+A draw follows the hot-path contract (DESIGN.md): `game_draw.lua` checks the window, the
+shopper's daily and total chances, the Idempotency-Key and the pity state, picks the prize by
+weight among prizes in stock with a random value drawn here from `secrets`, decrements the
+stock and XADDs the draw, atomically. The draw row (with the random value and the weights
+version, so a disputed result can be replayed) is group-committed to PostgreSQL before the
+answer. A paid draw debits the points ledger first and credits it back if the script refuses.
+
+Each win that is not a sealed scratch card enters the `prize_deliveries` outbox in the same
+statement as its draw row (games/delivery.py delivers it). Extra chances (paid orders, merchant
+tasks) and `shop reconcile`'s rebuild of the Redis counters live here too.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+
+from games.schemas import PrizeWon
+from shop.errors import Conflict, NotFound, Unavailable, ValidationFailed
+from shop.events import OrderEvent, on_order_event
+from shop.hotpath import (
+    HotPath,
+    Reservation,
+    new_reservation_id,
+    persist_backlog,
+    register_persister,
+    register_stream,
+    registered_streams,
+)
+from shop.keys import Keys
+from shop.points import earn_points, spend_points
+from shop.reconcile import Difference, ReconcileContext, register_checker
+from shop.settings import Settings
+
+KIND = "game_draw"  # the hot-path stream kind
+IDEMPOTENCY_TTL = 24 * 3600
+DAY_TTL = 3 * 24 * 3600
+RAND_BITS = 52  # Lua numbers are doubles: integers below 2^53 are exact
+
+REFUSALS = {
+    "not_found": (NotFound, "game.not_found", "No such game"),
+    "not_started": (Conflict, "game.not_started", "The game has not started yet"),
+    "ended": (Conflict, "game.ended", "The game has ended"),
+    "paused": (Conflict, "game.paused", "The game is paused"),
+    "no_chances": (Conflict, "game.no_chances", "No chances left today"),
+    "limit_exceeded": (Conflict, "game.limit_exceeded", "You have used all your chances in this game"),
+    "no_paid_draws": (Conflict, "game.no_paid_draws", "This game has no draws for points"),
+    "sold_out": (Conflict, "game.sold_out", "Every prize has been given away"),
+    "cold": (Unavailable, "game.not_ready", "The game is being restored, try again shortly"),
+}
+
+
+def clock() -> datetime:
+    """Now (UTC); tests move it to another business day."""
+    return datetime.now().astimezone()
+
+
+def business_date(settings: Settings, now: datetime | None = None) -> date:
+    """The store's date (its configured time zone): what "per day" means."""
+    return (now or clock()).astimezone(settings.tz).date()
+
+
+def _ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+# ---------------------------------------------------------------- reading games
+
+
+GAME_FIELDS = """id, type, name, status, starts_at, ends_at, free_per_day, total_per_user, cost_points,
+    chances_per_paid_order, chances_per_invite, extra_per_day_cap, out_of_stock, pity_after, pity_position, egg_count,
+    card_ttl_minutes, claim_days, weights_version, created_at"""
+PRIZE_FIELDS = (
+    "id, game_id, position, name, kind, coupon_template_id, points, sku_id, weight, stock, per_user_cap"
+)
+
+
+async def fetch_game(conn: asyncpg.Connection, game_id: int, *, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"select {GAME_FIELDS} from games where id = $1 {'for update' if lock else ''}", game_id
+    )
+
+
+async def fetch_prizes(conn: asyncpg.Connection, game_ids: Sequence[int]) -> dict[int, list[asyncpg.Record]]:
+    rows = await conn.fetch(
+        f"select {PRIZE_FIELDS} from game_prizes where game_id = any($1::bigint[]) order by game_id, position",
+        list(game_ids),
+    )
+    out: dict[int, list] = {g: [] for g in game_ids}
+    for row in rows:
+        out[row["game_id"]].append(row)
+    return out
+
+
+def prize_won(prize: Any) -> PrizeWon:
+    return PrizeWon(
+        position=prize["position"],
+        name=prize["name"],
+        kind=prize["kind"],
+        is_win=prize["kind"] != "thanks",
+        points=prize["points"],
+        coupon_template_id=prize["coupon_template_id"],
+        sku_id=prize["sku_id"],
+    )
+
+
+async def prizes_of_version(state: Any, game_id: int, version: int) -> dict[int, PrizeWon]:
+    """position -> the prize as a draw answer, cached per app: the prizes of a weights version never change."""
+    cache = getattr(state, "game_prizes", None)
+    if cache is None:
+        cache = state.game_prizes = {}
+    cached = cache.get((game_id, version))
+    if cached is None:
+        async with state.pool.acquire() as conn:
+            rows = (await fetch_prizes(conn, [game_id]))[game_id]
+        cached = {row["position"]: prize_won(row) for row in rows}
+        if len(cache) > 1000:
+            cache.clear()
+        cache[(game_id, version)] = cached
+    return cached
+
+
+# ---------------------------------------------------------------- Redis state
+
+
+def rule_pairs(game: Any, prizes: Sequence[Any]) -> list[Any]:
+    """The game's rules as game_draw.lua reads them (field, value, field, value, …); no stock."""
+    thanks = next((p["position"] for p in prizes if p["kind"] == "thanks"), -1)
+    pairs: list[Any] = [
+        "type", game["type"],
+        "status", game["status"],
+        "starts_ms", _ms(game["starts_at"]),
+        "ends_ms", _ms(game["ends_at"]),
+        "free", game["free_per_day"],
+        "total", game["total_per_user"] if game["total_per_user"] is not None else -1,
+        "cost", game["cost_points"] or 0,
+        "policy", game["out_of_stock"],
+        "pity_after", game["pity_after"] or 0,
+        "pity_pos", game["pity_position"] if game["pity_position"] is not None else -1,
+        "thanks_pos", thanks,
+        "version", game["weights_version"],
+        "n", len(prizes),
+    ]  # fmt: skip
+    for p in prizes:
+        i = p["position"]
+        pairs += [
+            f"w:{i}",
+            p["weight"],
+            f"cap:{i}",
+            p["per_user_cap"] or 0,
+            f"k:{i}",
+            "t" if p["kind"] == "thanks" else "w",
+        ]
+    return pairs
+
+
+def _game_keys(keys: Keys, game_id: int, day: date) -> list[str]:
+    return [
+        keys.game_state(game_id),
+        keys.game_users(game_id),
+        keys.game_day(game_id, day.isoformat()),
+        keys.game_stream(game_id),
+    ]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What PostgreSQL implies for a game's Redis counters."""
+
+    left: dict[int, int]  # position -> stock left (-1: unlimited)
+    users: dict[str, int]  # users hash
+    day: dict[str, int]  # today's day hash
+
+
+async def expected_counts(
+    conn: asyncpg.Connection, game_id: int, prizes: Sequence[Any], today: date
+) -> Counts:
+    issued = {
+        r["position"]: r["n"]
+        for r in await conn.fetch(
+            "select position, count(*) as n from game_draws where game_id = $1 and not returned group by position",
+            game_id,
+        )
+    }
+    left = {
+        p["position"]: (p["stock"] - issued.get(p["position"], 0)) if p["stock"] is not None else -1
+        for p in prizes
+    }
+    users: dict[str, int] = {}
+    for r in await conn.fetch(
+        """select d.user_id, count(*) as draws,
+                  count(*) filter (where d.id > coalesce(w.last_win, 0)) as streak
+           from game_draws d
+           left join (select user_id, max(d2.id) as last_win from game_draws d2
+                      join game_prizes p on p.id = d2.prize_id
+                      where d2.game_id = $1 and p.kind <> 'thanks' group by user_id) w using (user_id)
+           where d.game_id = $1 group by d.user_id, w.last_win""",
+        game_id,
+    ):
+        users[str(r["user_id"])] = r["draws"]
+        users[f"{r['user_id']}:l"] = r["streak"]
+    for r in await conn.fetch(
+        """select d.user_id, d.position, count(*) as n from game_draws d join game_prizes p on p.id = d.prize_id
+           where d.game_id = $1 and not d.returned and p.kind <> 'thanks' group by d.user_id, d.position""",
+        game_id,
+    ):
+        users[f"{r['user_id']}:w:{r['position']}"] = r["n"]
+    day: dict[str, int] = {}
+    for r in await conn.fetch(
+        """select user_id, count(*) filter (where not paid) as free, count(*) filter (where paid) as paid
+           from game_draws where game_id = $1 and business_date = $2 group by user_id""",
+        game_id,
+        today,
+    ):
+        if r["free"]:
+            day[f"{r['user_id']}:f"] = r["free"]
+        if r["paid"]:
+            day[f"{r['user_id']}:p"] = r["paid"]
+    for r in await conn.fetch(
+        """select user_id, sum(amount)::int as n from game_chance_grants
+           where game_id = $1 and business_date = $2 group by user_id""",
+        game_id,
+        today,
+    ):
+        day[f"{r['user_id']}:x"] = r["n"]
+    return Counts(left, users, day)
+
+
+def _flat(mapping: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for k, v in mapping.items():
+        out += [k, v]
+    return out
+
+
+async def rebuild_game(
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    scripts: Any,
+    keys: Keys,
+    settings: Settings,
+    game_id: int,
+) -> None:
+    """Write the game's rules, stock and chance counters into Redis from PostgreSQL (the truth)."""
+    game = await fetch_game(conn, game_id)
+    prizes = (await fetch_prizes(conn, [game_id]))[game_id]
+    stream = keys.game_stream(game_id)
+    # Every draw the stream holds goes to PostgreSQL first; later ones the script adds on top.
+    last = await persist_backlog(redis, conn, KIND, stream)
+    today = business_date(settings)
+    counts = await expected_counts(conn, game_id, prizes, today)
+    state = rule_pairs(game, prizes) + _flat({f"s:{pos}": n for pos, n in counts.left.items()})
+    users, day = _flat(counts.users), _flat(counts.day)
+    await scripts.game_warm(
+        keys=_game_keys(keys, game_id, today),
+        args=[
+            "rebuild",
+            len(state),
+            *state,
+            last,
+            today.isoformat(),
+            len(users),
+            *users,
+            len(day),
+            *day,
+            DAY_TTL,
+        ],
+    )
+    await register_stream(redis, keys, KIND, stream)
+
+
+async def warm_rules(
+    conn: asyncpg.Connection, redis: aioredis.Redis, scripts: Any, keys: Keys, settings: Settings, game: Any
+) -> None:
+    """Update the live rules (status, window); counters untouched, rebuilt when Redis has none."""
+    prizes = (await fetch_prizes(conn, [game["id"]]))[game["id"]]
+    reply = await scripts.game_warm(
+        keys=_game_keys(keys, game["id"], business_date(settings)), args=["config", *rule_pairs(game, prizes)]
+    )
+    if reply[0] == "cold":
+        await rebuild_game(conn, redis, scripts, keys, settings, game["id"])
+
+
+async def live_stock(
+    redis: aioredis.Redis, keys: Keys, game_id: int, positions: Sequence[int]
+) -> dict[int, int | None]:
+    values = await redis.hmget(keys.game_state(game_id), [f"s:{p}" for p in positions]) if positions else []
+    return {
+        p: (int(v) if v is not None and int(v) >= 0 else None) for p, v in zip(positions, values, strict=True)
+    }
+
+
+# ---------------------------------------------------------------- drawing (the hot path)
+
+
+@register_persister(KIND)
+async def persist_draws(conn: asyncpg.Connection, entries: Sequence[Reservation]) -> None:
+    """Many draws in one statement, and an outbox row for each win that is not a sealed card."""
+    await conn.execute(
+        """with e as (
+               select * from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::int[],
+                                    $7::date[], $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bigint[],
+                                    $13::bigint[])
+                   as u (rid, uid, gid, pos, rand, v, d, paid, cost, pity, t, at, x)),
+           ins as (
+               insert into game_draws (draw_no, game_id, user_id, prize_id, position, rand, weights_version,
+                                       business_date, paid, cost_points, pity, card_status, expires_at, drawn_at)
+               select e.rid, e.gid, e.uid, p.id, e.pos, e.rand, e.v, e.d, e.paid, e.cost, e.pity,
+                      case when e.t = 'card' then 'sealed' end,
+                      case when e.t = 'card' then to_timestamp(e.x / 1000.0) end,
+                      to_timestamp(e.at / 1000.0)
+               from e join game_prizes p on p.game_id = e.gid and p.position = e.pos
+               on conflict (draw_no) do nothing
+               returning id, user_id, game_id, prize_id, card_status)
+           insert into prize_deliveries (draw_id, user_id, game_id, prize_id, kind)
+           select ins.id, ins.user_id, ins.game_id, ins.prize_id, p.kind
+           from ins join game_prizes p on p.id = ins.prize_id
+           where p.kind <> 'thanks' and ins.card_status is null""",
+        [e.id for e in entries],
+        [e.user_id for e in entries],
+        [e.payload["g"] for e in entries],
+        [e.payload["pos"] for e in entries],
+        [int(e.payload["r"]) for e in entries],
+        [e.payload["v"] for e in entries],
+        [date.fromisoformat(e.payload["d"]) for e in entries],
+        [bool(e.payload["paid"]) for e in entries],
+        [e.payload["c"] for e in entries],
+        [bool(e.payload["pity"]) for e in entries],
+        [e.payload["t"] for e in entries],
+        [e.payload["at"] for e in entries],
+        [e.payload["x"] for e in entries],
+    )
+
+
+@dataclass(frozen=True)
+class Drawn:
+    draw_no: str
+    position: int
+    pity: bool
+    paid: bool
+    version: int
+    expires_at: datetime | None
+    replayed: bool
+
+
+def draw_args(
+    *,
+    game_id: int,
+    user_id: int,
+    rid: str,
+    rand: int,
+    mode: str,
+    game_type: str,
+    now: datetime,
+    day: date,
+    kind: str = "draw",
+    cost: int = 0,
+    expires_ms: int = 0,
+    idempotency_key: str | None = None,
+) -> list[Any]:
+    """game_draw.lua's ARGV; the payload prefix holds what Python knows, the script appends the result."""
+    prefix = (
+        f'{{"g":{game_id},"r":"{rand}","d":"{day.isoformat()}","at":{_ms(now)},"t":"{kind}",'
+        f'"c":{cost},"x":{expires_ms}'
+    )
+    return [
+        _ms(now), user_id, rid, rand, mode, game_type, prefix,
+        "1" if idempotency_key else "0", IDEMPOTENCY_TTL, DAY_TTL,
+    ]  # fmt: skip
+
+
+async def draw(
+    hotpath: HotPath,
+    scripts: Any,
+    keys: Keys,
+    settings: Settings,
+    *,
+    game_id: int,
+    game_type: str,
+    user_id: int,
+    idempotency_key: str | None,
+    pay_with_points: bool = False,
+    kind: str = "draw",
+) -> Drawn:
+    """One draw: (debit points), the script decides, the row is committed; refusals raise."""
+    rid = new_reservation_id()
+    now = clock()
+    day = business_date(settings, now)
+    cost, debit_ref, expires_ms = 0, None, 0
+    if kind == "card":
+        async with hotpath.pool.acquire() as conn:
+            ttl = await conn.fetchval("select card_ttl_minutes from games where id = $1", game_id)
+        expires_ms = _ms(now + timedelta(minutes=ttl or 1440))
+    if pay_with_points:
+        async with hotpath.pool.acquire() as conn:
+            cost = await conn.fetchval(
+                "select cost_points from games where id = $1 and type = $2 and status <> 'draft'",
+                game_id,
+                game_type,
+            )
+            if cost is None:
+                raise Conflict("This game has no draws for points", code="game.no_paid_draws")
+            # Keyed by the Idempotency-Key: a retried request never pays twice. An attempt that was
+            # refused was paid back, so the next attempt with the key pays under the next number.
+            base = f"{game_id}:{user_id}:{idempotency_key or rid}"
+            for attempt in range(1, 100):
+                debit_ref = base if attempt == 1 else f"{base}:{attempt}"
+                if await spend_points(conn, user_id, cost, kind="draw", ref=debit_ref) is not None:
+                    break
+                if not await conn.fetchval(
+                    "select 1 from points_entries where kind = 'draw_refund' and ref = $1", debit_ref
+                ):
+                    break  # paid and not paid back: this is a repeat of that attempt
+    args = draw_args(
+        game_id=game_id, user_id=user_id, rid=rid, rand=secrets.randbits(RAND_BITS),
+        mode="paid" if pay_with_points else "free", game_type=game_type, now=now, day=day, kind=kind,
+        cost=cost, expires_ms=expires_ms, idempotency_key=idempotency_key,
+    )  # fmt: skip
+    reply = await hotpath.reserve(
+        scripts.game_draw,
+        keys=[
+            keys.game_state(game_id),
+            keys.game_users(game_id),
+            keys.game_day(game_id, day.isoformat()),
+            keys.game_idem(game_id, user_id, idempotency_key),
+            keys.game_stream(game_id),
+        ],
+        args=args,
+    )
+    outcome = reply[0]
+    if outcome not in ("ok", "replay"):
+        if debit_ref is not None:
+            async with hotpath.pool.acquire() as conn:
+                await earn_points(conn, user_id, cost, kind="draw_refund", ref=debit_ref)
+        error, code, message = REFUSALS[outcome]
+        raise error(message, code=code)
+    rid = reply[1]
+    payload = msgspec.json.decode(reply[5] if outcome == "ok" else reply[2])
+    if outcome == "replay" and (bool(payload["paid"]) != pay_with_points or payload["t"] != kind):
+        if debit_ref is not None and not payload["paid"]:
+            async with hotpath.pool.acquire() as conn:
+                await earn_points(conn, user_id, cost, kind="draw_refund", ref=debit_ref)
+        raise ValidationFailed(
+            "This Idempotency-Key was used with a different request", code="idempotency.mismatch"
+        )
+    await hotpath.commit(KIND, Reservation(rid, user_id, payload))
+    return Drawn(
+        draw_no=rid,
+        position=payload["pos"],
+        pity=bool(payload["pity"]),
+        paid=bool(payload["paid"]),
+        version=payload["v"],
+        expires_at=datetime.fromtimestamp(payload["x"] / 1000).astimezone() if payload["x"] else None,
+        replayed=outcome == "replay",
+    )
+
+
+async def explain_missing(conn: asyncpg.Connection, game_id: int, game_type: str) -> None:
+    """Redis knows nothing of the game: 404 unless it is a live game of this type (then Redis lost it)."""
+    status = await conn.fetchval("select status from games where id = $1 and type = $2", game_id, game_type)
+    if status is None or status == "draft":
+        raise NotFound("No such game", code="game.not_found")
+
+
+# ---------------------------------------------------------------- scratch cards
+
+
+async def reveal_card(conn: asyncpg.Connection, card_id: str, user_id: int) -> asyncpg.Record:
+    """Reveal a sealed card once (its prize enters the outbox then); a repeat returns the same result."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """update game_draws set card_status = 'revealed', revealed_at = now()
+               where draw_no = $1 and user_id = $2 and card_status = 'sealed' and expires_at > now()
+               returning id, game_id, prize_id, position, user_id""",
+            card_id,
+            user_id,
+        )
+        if row is not None:
+            await conn.execute(
+                """insert into prize_deliveries (draw_id, user_id, game_id, prize_id, kind)
+                   select $1, $2, $3, p.id, p.kind from game_prizes p where p.id = $4 and p.kind <> 'thanks'
+                   on conflict (draw_id) do nothing""",
+                row["id"],
+                row["user_id"],
+                row["game_id"],
+                row["prize_id"],
+            )
+            return row
+        # Another shopper's card is 404, like a card that does not exist.
+        row = await conn.fetchrow(
+            """select id, game_id, prize_id, position, user_id, card_status from game_draws
+               where draw_no = $1 and user_id = $2 and card_status is not null""",
+            card_id,
+            user_id,
+        )
+    if row is None:
+        raise NotFound("No such card", code="game.card_not_found")
+    if row["card_status"] != "revealed":
+        raise Conflict("The card has expired", code="game.card_expired")
+    return row
+
+
+# ---------------------------------------------------------------- extra chances
+
+
+async def grant_chances(
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    keys: Keys,
+    settings: Settings,
+    game: Any,
+    user_id: int,
+    amount: int,
+    *,
+    source: str,
+    ref: str,
+) -> int:
+    """Extra chances for today, within the game's daily cap, once per (source, ref); returns how many."""
+    today = business_date(settings)
+    async with conn.transaction():
+        # One shopper's grants for one game are counted and written one at a time.
+        await conn.execute(
+            "select pg_advisory_xact_lock(hashtextextended($1, 0))", f"game_chances:{game['id']}:{user_id}"
+        )
+        so_far = await conn.fetchval(
+            """select coalesce(sum(amount), 0) from game_chance_grants
+               where game_id = $1 and user_id = $2 and business_date = $3""",
+            game["id"],
+            user_id,
+            today,
+        )
+        # Past the cap the reference is still recorded (amount 0): it is handled, not retried.
+        amount = max(min(amount, game["extra_per_day_cap"] - so_far), 0)
+        inserted = await conn.fetchval(
+            """insert into game_chance_grants (game_id, user_id, business_date, amount, source, ref)
+               values ($1, $2, $3, $4, $5, $6) on conflict do nothing returning id""",
+            game["id"],
+            user_id,
+            today,
+            amount,
+            source,
+            ref,
+        )
+        if inserted is None or amount == 0:
+            return 0
+        day_key = keys.game_day(game["id"], today.isoformat())
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(day_key, f"{user_id}:x", amount)
+            pipe.expire(day_key, DAY_TTL)
+            await pipe.execute()
+    return amount
+
+
+@on_order_event("order.paid", "games.chances_on_paid_order")
+async def chances_on_paid_order(conn: asyncpg.Connection, event: OrderEvent, ctx: Any) -> None:
+    """A paid order grants the configured extra chances in every running game that offers them."""
+    order = await conn.fetchrow("select user_id, kind from orders where id = $1", event.order_id)
+    if order is None or order["kind"] == "prize":
+        return
+    games = await conn.fetch(
+        f"""select {GAME_FIELDS} from games where status = 'active' and chances_per_paid_order > 0
+            and extra_per_day_cap > 0 and starts_at <= now() and ends_at > now() order by id"""
+    )
+    for game in games:
+        await grant_chances(
+            conn, ctx.redis, ctx.keys, ctx.settings, game, order["user_id"], game["chances_per_paid_order"],
+            source="order.paid", ref=str(event.order_id),
+        )  # fmt: skip
+
+
+async def grant_invite_chances(
+    pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys, settings: Settings, batch: int = 500
+) -> int:
+    """The invitation task: each shopper who logged in for the first time with an inviter, during a
+    running game that rewards invitations, gives the inviter its chances once (within the daily cap)."""
+    granted = 0
+    async with pool.acquire() as conn:
+        games = await conn.fetch(
+            f"""select {GAME_FIELDS} from games where status = 'active' and chances_per_invite > 0
+                and extra_per_day_cap > 0 and starts_at <= now() and ends_at > now() order by id"""
+        )
+        for game in games:
+            invitees = await conn.fetch(
+                """select u.id, u.inviter_id from users u
+                   where u.inviter_id is not null and u.created_at >= $2
+                     and not exists (select 1 from game_chance_grants g
+                                     where g.game_id = $1 and g.user_id = u.inviter_id and g.source = 'invite'
+                                       and g.ref = u.id::text)
+                   order by u.id limit $3""",
+                game["id"],
+                game["starts_at"],
+                batch,
+            )
+            for row in invitees:
+                granted += await grant_chances(
+                    conn, redis, keys, settings, game, row["inviter_id"], game["chances_per_invite"],
+                    source="invite", ref=str(row["id"]),
+                )  # fmt: skip
+    return granted
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+async def check_game_counters(ctx: ReconcileContext) -> list[Difference]:
+    """Every live game: rules, stock left, chances used and granted today, Redis vs PostgreSQL."""
+    diffs: list[Difference] = []
+    streams = set(await registered_streams(ctx.redis, ctx.keys, KIND))
+    today = business_date(ctx.settings)
+    games = await ctx.conn.fetch(f"select {GAME_FIELDS} from games where status <> 'draft' order by id")
+    all_prizes = await fetch_prizes(ctx.conn, [g["id"] for g in games])
+    for game in games:
+        subject = f"game {game['id']}"
+        stream = ctx.keys.game_stream(game["id"])
+        await persist_backlog(ctx.redis, ctx.conn, KIND, stream)
+        prizes = all_prizes[game["id"]]
+        counts = await expected_counts(ctx.conn, game["id"], prizes, today)
+        pairs = rule_pairs(game, prizes)
+        expected = {str(pairs[i]): str(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        expected.update({f"s:{pos}": str(n) for pos, n in counts.left.items()})
+        state = await ctx.redis.hgetall(ctx.keys.game_state(game["id"]))
+        for field, want in expected.items():
+            if state.get(field) != want:
+                diffs.append(Difference("games", subject, field, want, state.get(field)))
+        for name, key, want_map in (
+            ("users", ctx.keys.game_users(game["id"]), counts.users),
+            ("today", ctx.keys.game_day(game["id"], today.isoformat()), counts.day),
+        ):
+            have = {k: int(v) for k, v in (await ctx.redis.hgetall(key)).items()}
+            for field in sorted(set(have) | set(want_map)):
+                if have.get(field, 0) != want_map.get(field, 0):
+                    diffs.append(
+                        Difference(
+                            "games", subject, f"{name} {field}", want_map.get(field, 0), have.get(field)
+                        )
+                    )
+        if stream not in streams:
+            diffs.append(Difference("games", subject, "stream registered", True, False))
+    return diffs
+
+
+async def fix_game_counters(ctx: ReconcileContext, diffs: list[Difference]) -> None:
+    for game_id in sorted({int(d.subject.rsplit(" ", 1)[1]) for d in diffs}):
+        await rebuild_game(ctx.conn, ctx.redis, ctx.scripts, ctx.keys, ctx.settings, game_id)
+
+
+register_checker("games", check_game_counters, fix_game_counters)

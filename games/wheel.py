@@ -1,0 +1,41 @@
+"""大转盘 (lottery wheel / nine-grid): one draw per call, the answer says where the wheel stops."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, Response, post
+
+from games.play import IdempotencyKey, play, prize_at
+from games.schemas import DrawIn, DrawOut
+from shop.auth_tokens import AuthUser
+
+
+class WheelController(Controller):
+    path = "/api/v1/games"
+    tags = ["games"]
+
+    @post("/{game_id:int}/draw")
+    async def draw(
+        self,
+        request: Request,
+        game_id: int,
+        user: AuthUser,
+        data: DrawIn | None = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[DrawOut]:
+        """Spin once. The server alone decides; a 201 means the draw is stored."""
+        data = data or DrawIn()
+        drawn = await play(
+            request, game_id=game_id, game_type="wheel", user_id=user.id,
+            idempotency_key=idempotency_key, pay_with_points=data.pay_with_points,
+        )  # fmt: skip
+        out = DrawOut(
+            draw_no=drawn.draw_no,
+            game_id=game_id,
+            prize=await prize_at(request, game_id, drawn),
+            slot_index=drawn.position,
+            paid=drawn.paid,
+            pity=drawn.pity,
+        )
+        return Response(
+            out, status_code=201, headers={"Idempotent-Replayed": "true"} if drawn.replayed else None
+        )
