@@ -400,18 +400,27 @@ async def draw(
         async with hotpath.pool.acquire() as conn:
             ttl = await conn.fetchval("select card_ttl_minutes from games where id = $1", game_id)
         expires_ms = _ms(now + timedelta(minutes=ttl or 1440))
-    if pay_with_points:
-        async with hotpath.pool.acquire() as conn:
-            cost = await conn.fetchval(
-                "select cost_points from games where id = $1 and type = $2 and status <> 'draft'",
-                game_id,
-                game_type,
-            )
-            if cost is None:
-                raise Conflict("This game has no draws for points", code="game.no_paid_draws")
-            # Keyed by the Idempotency-Key: a retried request never pays twice. An attempt that was
-            # refused was paid back, so the next attempt with the key pays under the next number.
-            base = f"{game_id}:{user_id}:{idempotency_key or rid}"
+    if not pay_with_points:
+        decided = await _decide(
+            hotpath, scripts, keys, game_id=game_id, game_type=game_type, user_id=user_id, rid=rid, now=now,
+            day=day, kind=kind, expires_ms=expires_ms, idempotency_key=idempotency_key,
+        )  # fmt: skip
+        return await _commit(hotpath, user_id, decided)
+    async with hotpath.pool.acquire() as conn:
+        cost = await conn.fetchval(
+            "select cost_points from games where id = $1 and type = $2 and status <> 'draft'",
+            game_id,
+            game_type,
+        )
+        if cost is None:
+            raise Conflict("This game has no draws for points", code="game.no_paid_draws")
+        # Keyed by the Idempotency-Key: a retried request never pays twice. An attempt that was
+        # refused was paid back, so the next attempt with the key pays under the next number.
+        # The lock serialises requests with one key: a concurrent duplicate waits until the first
+        # has drawn or been paid back, so it can never draw on a payment that is being refunded.
+        base = f"{game_id}:{user_id}:{idempotency_key or rid}"
+        await conn.execute("select pg_advisory_lock(hashtextextended($1, 0))", f"draw:{base}")
+        try:
             for attempt in range(1, 100):
                 debit_ref = base if attempt == 1 else f"{base}:{attempt}"
                 if await spend_points(conn, user_id, cost, kind="draw", ref=debit_ref) is not None:
@@ -420,6 +429,38 @@ async def draw(
                     "select 1 from points_entries where kind = 'draw_refund' and ref = $1", debit_ref
                 ):
                     break  # paid and not paid back: this is a repeat of that attempt
+            decided = await _decide(
+                hotpath, scripts, keys, game_id=game_id, game_type=game_type, user_id=user_id, rid=rid,
+                now=now, day=day, kind=kind, expires_ms=expires_ms, idempotency_key=idempotency_key,
+                cost=cost, debit_ref=debit_ref, refund_conn=conn,
+            )  # fmt: skip
+        finally:
+            await conn.execute("select pg_advisory_unlock(hashtextextended($1, 0))", f"draw:{base}")
+    # Committed outside the lock and with the connection given back: the group commit needs one
+    # from the same pool. A duplicate that got the lock meanwhile replays this reservation.
+    return await _commit(hotpath, user_id, decided)
+
+
+async def _decide(
+    hotpath: HotPath,
+    scripts: Any,
+    keys: Keys,
+    *,
+    game_id: int,
+    game_type: str,
+    user_id: int,
+    rid: str,
+    now: datetime,
+    day: Any,
+    kind: str,
+    expires_ms: int,
+    idempotency_key: str | None,
+    cost: int = 0,
+    debit_ref: str | None = None,
+    refund_conn: asyncpg.Connection | None = None,
+) -> tuple[str, dict, bool]:
+    """The script decides: (reservation id, payload, replayed); a paid draw it refuses is paid back."""
+    pay_with_points = debit_ref is not None
     args = draw_args(
         game_id=game_id, user_id=user_id, rid=rid, rand=secrets.randbits(RAND_BITS),
         mode="paid" if pay_with_points else "free", game_type=game_type, now=now, day=day, kind=kind,
@@ -439,19 +480,23 @@ async def draw(
     outcome = reply[0]
     if outcome not in ("ok", "replay"):
         if debit_ref is not None:
-            async with hotpath.pool.acquire() as conn:
-                await earn_points(conn, user_id, cost, kind="draw_refund", ref=debit_ref)
+            await earn_points(refund_conn, user_id, cost, kind="draw_refund", ref=debit_ref)
         error, code, message = REFUSALS[outcome]
         raise error(message, code=code)
     rid = reply[1]
     payload = msgspec.json.decode(reply[5] if outcome == "ok" else reply[2])
     if outcome == "replay" and (bool(payload["paid"]) != pay_with_points or payload["t"] != kind):
         if debit_ref is not None and not payload["paid"]:
-            async with hotpath.pool.acquire() as conn:
-                await earn_points(conn, user_id, cost, kind="draw_refund", ref=debit_ref)
+            await earn_points(refund_conn, user_id, cost, kind="draw_refund", ref=debit_ref)
         raise ValidationFailed(
             "This Idempotency-Key was used with a different request", code="idempotency.mismatch"
         )
+    return rid, payload, outcome == "replay"
+
+
+async def _commit(hotpath: HotPath, user_id: int, decided: tuple[str, dict, bool]) -> Drawn:
+    """The draw row is in PostgreSQL before the answer."""
+    rid, payload, replayed = decided
     await hotpath.commit(KIND, Reservation(rid, user_id, payload))
     return Drawn(
         draw_no=rid,
@@ -460,7 +505,7 @@ async def draw(
         paid=bool(payload["paid"]),
         version=payload["v"],
         expires_at=datetime.fromtimestamp(payload["x"] / 1000).astimezone() if payload["x"] else None,
-        replayed=outcome == "replay",
+        replayed=replayed,
     )
 
 

@@ -372,3 +372,25 @@ async def test_invited_shoppers_who_log_in_give_their_inviter_chances_once(
     assert sorted(r["amount"] for r in rows) == [0, 1, 1]
     results = [await draw(client, headers, game["id"]) for _ in range(3)]
     assert [r.status_code for r in results] == [201, 201, 409]
+
+
+async def test_concurrent_paid_draws_with_one_key_pay_exactly_once(client, db, make_user, admin_headers):
+    user_id, headers = await make_user()
+    game = await make_game(client, admin_headers, free_per_day=0, cost_points=5)
+    await earn_points(db, user_id, 10, kind="adjust", ref="gift")
+    # Refused while paused: every concurrent duplicate is paid back, none draws.
+    await client.post(f"{ADMIN}/{game['id']}/pause", headers=admin_headers)
+    refused = await asyncio.gather(
+        *(draw(client, headers, game["id"], key="k", pay_with_points=True) for _ in range(10))
+    )
+    assert {(r.status_code, code_of(r)) for r in refused} == {(409, "game.paused")}
+    assert await db.fetchval("select balance from points_accounts where user_id = $1", user_id) == 10
+    # Live: one draw, paid once, the duplicates replay it.
+    await client.post(f"{ADMIN}/{game['id']}/activate", headers=admin_headers)
+    drawn = await asyncio.gather(
+        *(draw(client, headers, game["id"], key="k", pay_with_points=True) for _ in range(10))
+    )
+    assert [r.status_code for r in drawn] == [201] * 10
+    assert len({r.json()["draw_no"] for r in drawn}) == 1
+    assert await db.fetchval("select count(*) from game_draws where user_id = $1", user_id) == 1
+    assert await db.fetchval("select balance from points_accounts where user_id = $1", user_id) == 5
