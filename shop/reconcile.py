@@ -36,6 +36,20 @@ class Difference:
         return f"{self.checker}: {self.subject}: {self.field}: redis has {self.actual!r}, expected {self.expected!r}"
 
 
+def per_user_differences(
+    checker: str, subject: str, label: str, expected: dict[int, int], redis_hash: dict[str, str]
+) -> list[Difference]:
+    """Per-shopper counters (a Redis hash user id -> count) against PostgreSQL's counts."""
+    actual = {int(k): int(v) for k, v in redis_hash.items()}
+    return [
+        Difference(
+            checker, subject, label.format(user_id=user_id), expected.get(user_id, 0), actual.get(user_id)
+        )
+        for user_id in sorted(set(actual) | set(expected))
+        if actual.get(user_id, 0) != expected.get(user_id, 0)
+    ]
+
+
 @dataclass(frozen=True)
 class ReconcileContext:
     settings: Settings

@@ -42,7 +42,7 @@ from shop.hotpath import (
 )
 from shop.keys import Keys
 from shop.orders.schemas import PricedLine
-from shop.reconcile import Difference, ReconcileContext, register_checker
+from shop.reconcile import Difference, ReconcileContext, per_user_differences, register_checker
 
 log = logging.getLogger("shop.coupons")
 
@@ -685,20 +685,10 @@ async def check_coupon_counters(ctx: ReconcileContext) -> list[Difference]:
         for field, want in expected.items():
             if actual.get(field) != want:
                 diffs.append(Difference("coupons", subject, field, want, actual.get(field)))
-        users = {
-            int(k): int(v) for k, v in (await ctx.redis.hgetall(ctx.keys.coupon_users(row["id"]))).items()
-        }
-        for user_id in sorted(set(users) | set(counts)):
-            if users.get(user_id, 0) != counts.get(user_id, 0):
-                diffs.append(
-                    Difference(
-                        "coupons",
-                        subject,
-                        f"claims of user {user_id}",
-                        counts.get(user_id, 0),
-                        users.get(user_id),
-                    )
-                )
+        diffs += per_user_differences(
+            "coupons", subject, "claims of user {user_id}", counts,
+            await ctx.redis.hgetall(ctx.keys.coupon_users(row["id"])),
+        )  # fmt: skip
         if stream not in streams:
             diffs.append(Difference("coupons", subject, "stream registered", True, False))
     return diffs

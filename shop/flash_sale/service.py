@@ -62,7 +62,7 @@ from shop.orders.service import (
     register_unit_returner,
     return_to_sku_stock,
 )
-from shop.reconcile import Difference, ReconcileContext, register_checker
+from shop.reconcile import Difference, ReconcileContext, per_user_differences, register_checker
 from shop.settings import Settings
 
 log = logging.getLogger("shop.flash_sale")
@@ -1120,21 +1120,10 @@ async def check_flash_counters(ctx: ReconcileContext) -> list[Difference]:
             counts = await queries.bought_counts(ctx.conn, item_id)
             for uid, n in list(tail_users.items()) + list(not_back.items()):
                 counts[uid] = counts.get(uid, 0) + n
-            users = {
-                int(k): int(v)
-                for k, v in (await ctx.redis.hgetall(ctx.keys.flash_bought(sale_id, item_id))).items()
-            }
-            for uid in sorted(set(users) | set(counts)):
-                if users.get(uid, 0) != counts.get(uid, 0):
-                    diffs.append(
-                        Difference(
-                            "flash_sales",
-                            subject,
-                            f"item {item_id} units of user {uid}",
-                            counts.get(uid, 0),
-                            users.get(uid),
-                        )
-                    )
+            diffs += per_user_differences(
+                "flash_sales", subject, f"item {item_id} units of user {{user_id}}", counts,
+                await ctx.redis.hgetall(ctx.keys.flash_bought(sale_id, item_id)),
+            )  # fmt: skip
         if stream not in streams:
             diffs.append(Difference("flash_sales", subject, "stream registered", True, False))
     return diffs
