@@ -309,15 +309,16 @@ async def persist_draws(conn: asyncpg.Connection, entries: Sequence[Reservation]
         """with e as (
                select * from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::int[],
                                     $7::date[], $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bigint[],
-                                    $13::bigint[])
-                   as u (rid, uid, gid, pos, rand, v, d, paid, cost, pity, t, at, x)),
+                                    $13::bigint[], $14::text[])
+                   as u (rid, uid, gid, pos, rand, v, d, paid, cost, pity, t, at, x, dr)),
            ins as (
                insert into game_draws (draw_no, game_id, user_id, prize_id, position, rand, weights_version,
-                                       business_date, paid, cost_points, pity, card_status, expires_at, drawn_at)
+                                       business_date, paid, cost_points, pity, card_status, expires_at, drawn_at,
+                                       debit_ref)
                select e.rid, e.gid, e.uid, p.id, e.pos, e.rand, e.v, e.d, e.paid, e.cost, e.pity,
                       case when e.t = 'card' then 'sealed' end,
                       case when e.t = 'card' then to_timestamp(e.x / 1000.0) end,
-                      to_timestamp(e.at / 1000.0)
+                      to_timestamp(e.at / 1000.0), e.dr
                from e join game_prizes p on p.game_id = e.gid and p.position = e.pos
                on conflict (draw_no) do nothing
                returning id, user_id, game_id, prize_id, card_status)
@@ -338,6 +339,7 @@ async def persist_draws(conn: asyncpg.Connection, entries: Sequence[Reservation]
         [e.payload["t"] for e in entries],
         [e.payload["at"] for e in entries],
         [e.payload["x"] for e in entries],
+        [e.payload.get("dr") for e in entries],
     )
 
 
@@ -428,7 +430,25 @@ async def draw(
                 if not await conn.fetchval(
                     "select 1 from points_entries where kind = 'draw_refund' and ref = $1", debit_ref
                 ):
-                    break  # paid and not paid back: this is a repeat of that attempt
+                    # Paid and not paid back: a repeat of that attempt. Its draw, once stored, is
+                    # replayed from PostgreSQL: Redis's idempotency record expires (or is lost), and
+                    # the script would otherwise draw again on the same payment.
+                    stored = await conn.fetchrow(
+                        """select draw_no, position, pity, paid, weights_version, expires_at from game_draws
+                           where debit_ref = $1""",
+                        debit_ref,
+                    )
+                    if stored is not None:
+                        return Drawn(
+                            draw_no=stored["draw_no"],
+                            position=stored["position"],
+                            pity=stored["pity"],
+                            paid=stored["paid"],
+                            version=stored["weights_version"],
+                            expires_at=stored["expires_at"],
+                            replayed=True,
+                        )
+                    break
             decided = await _decide(
                 hotpath, scripts, keys, game_id=game_id, game_type=game_type, user_id=user_id, rid=rid,
                 now=now, day=day, kind=kind, expires_ms=expires_ms, idempotency_key=idempotency_key,
@@ -438,6 +458,9 @@ async def draw(
             await conn.execute("select pg_advisory_unlock(hashtextextended($1, 0))", f"draw:{base}")
     # Committed outside the lock and with the connection given back: the group commit needs one
     # from the same pool. A duplicate that got the lock meanwhile replays this reservation.
+    _, payload, replayed = decided
+    if not replayed:
+        payload["dr"] = debit_ref  # stored with the draw: the payment it was made on
     return await _commit(hotpath, user_id, decided)
 
 

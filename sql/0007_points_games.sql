@@ -98,6 +98,8 @@ create table game_draws (
     -- The unit went back to the prize stock (expired card, unclaimed goods): once, guarded.
     returned         boolean not null default false,
     drawn_at         timestamptz not null,
+    -- The points debit a paid draw was made on (unique: one draw per payment).
+    debit_ref        text unique,
     created_at       timestamptz not null default now()
 );
 create index game_draws_user_idx on game_draws (user_id, id desc);

@@ -394,3 +394,20 @@ async def test_concurrent_paid_draws_with_one_key_pay_exactly_once(client, db, m
     assert len({r.json()["draw_no"] for r in drawn}) == 1
     assert await db.fetchval("select count(*) from game_draws where user_id = $1", user_id) == 1
     assert await db.fetchval("select balance from points_accounts where user_id = $1", user_id) == 5
+
+
+async def test_a_paid_draw_is_replayed_from_postgres_after_redis_forgets_the_key(
+    client, app, db, settings, make_user, admin_headers
+):
+    user_id, headers = await make_user()
+    game = await make_game(client, admin_headers, free_per_day=0, cost_points=5)
+    await earn_points(db, user_id, 10, kind="adjust", ref="gift")
+    first = await draw(client, headers, game["id"], key="k", pay_with_points=True)
+    assert first.status_code == 201
+    # Redis's idempotency record expires after a day (or Redis is lost): the retry must not draw again.
+    await app.state.redis.delete(Keys(settings.redis_prefix).game_idem(game["id"], user_id, "k"))
+    again = await draw(client, headers, game["id"], key="k", pay_with_points=True)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["draw_no"] == first.json()["draw_no"]
+    assert await db.fetchval("select count(*) from game_draws where user_id = $1", user_id) == 1
+    assert await db.fetchval("select balance from points_accounts where user_id = $1", user_id) == 5
