@@ -252,15 +252,11 @@ async def game_stats(conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys
 # ---------------------------------------------------------------- routes
 
 
-def _keys(request: Request) -> Keys:
-    return Keys(request.app.state.settings.redis_prefix)
-
-
 async def _one(conn: asyncpg.Connection, request: Request, game_id: int) -> GameOut:
     row = await engine.fetch_game(conn, game_id)
     if row is None:
         raise NotFound("Game not found", code="game.not_found")
-    return (await game_out(conn, request.app.state.redis, _keys(request), [row]))[0]
+    return (await game_out(conn, request.app.state.redis, request.app.state.redis_keys, [row]))[0]
 
 
 class AdminGameController(Controller):
@@ -292,7 +288,7 @@ class AdminGameController(Controller):
         )
         more = len(rows) > limit
         rows = rows[:limit]
-        items = await game_out(conn, request.app.state.redis, _keys(request), rows)
+        items = await game_out(conn, request.app.state.redis, request.app.state.redis_keys, rows)
         return GamePage(items=items, next_cursor=encode_cursor(rows[-1]["id"]) if more else None)
 
     @get("/{game_id:int}")
@@ -316,7 +312,9 @@ class AdminGameController(Controller):
         if action not in TRANSITIONS:
             raise NotFound("No such action", code="game.unknown_action")
         state = request.app.state
-        await change_status(conn, state.redis, state.scripts, _keys(request), state.settings, game_id, action)
+        await change_status(
+            conn, state.redis, state.scripts, request.app.state.redis_keys, state.settings, game_id, action
+        )
         return await _one(conn, request, game_id)
 
     @get("/{game_id:int}/stats")
@@ -324,7 +322,7 @@ class AdminGameController(Controller):
         self, request: Request, admin: AuthAdmin, conn: asyncpg.Connection, game_id: int
     ) -> GameStats:
         """Draws, winners per prize, remaining stock and the cost of prizes issued."""
-        return await game_stats(conn, request.app.state.redis, _keys(request), game_id)
+        return await game_stats(conn, request.app.state.redis, request.app.state.redis_keys, game_id)
 
     @post("/{game_id:int}/chances", status_code=200)
     async def grant(
@@ -342,7 +340,7 @@ class AdminGameController(Controller):
         granted = await engine.grant_chances(
             conn,
             state.redis,
-            _keys(request),
+            request.app.state.redis_keys,
             state.settings,
             game,
             data.user_id,

@@ -8,7 +8,6 @@ from litestar import Controller, Request, get, post
 from games import delivery, engine
 from games.admin import AdminGameController, odds_of
 from games.egg import EggController
-from games.play import keys_of
 from games.schemas import (
     ClaimIn,
     GameView,
@@ -45,7 +44,7 @@ class GameController(Controller):
     ) -> GameView:
         """The game page: prizes (no weights), eggs for egg smash, free draws left today."""
         game, prizes = await _published(conn, game_id)
-        keys = keys_of(request)
+        keys = request.app.state.redis_keys
         today = engine.business_date(request.app.state.settings).isoformat()
         used, extra = await request.app.state.redis.hmget(
             keys.game_day(game_id, today), [f"{user.id}:f", f"{user.id}:x"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Controller, Request, Response, post
 
-from games.play import IdempotencyKey, play, prize_at
+from games.play import IdempotencyKey, draw_response
 from games.schemas import DrawOut, SmashIn
 from shop.auth_tokens import AuthUser
 from shop.db import provide_conn
@@ -32,19 +32,7 @@ class EggController(Controller):
             raise ValidationFailed(
                 f"egg must be below {eggs}", details=[{"field": "egg", "message": f"must be below {eggs}"}]
             )
-        drawn = await play(
+        return await draw_response(
             request, game_id=game_id, game_type="egg", user_id=user.id,
-            idempotency_key=idempotency_key, pay_with_points=data.pay_with_points,
+            idempotency_key=idempotency_key, pay_with_points=data.pay_with_points, egg=data.egg,
         )  # fmt: skip
-        out = DrawOut(
-            draw_no=drawn.draw_no,
-            game_id=game_id,
-            prize=await prize_at(request, game_id, drawn),
-            slot_index=drawn.position,
-            paid=drawn.paid,
-            pity=drawn.pity,
-            egg=data.egg,
-        )
-        return Response(
-            out, status_code=201, headers={"Idempotent-Replayed": "true"} if drawn.replayed else None
-        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Controller, Request, Response, post
 
-from games.play import IdempotencyKey, play, prize_at
+from games.play import IdempotencyKey, draw_response
 from games.schemas import DrawIn, DrawOut
 from shop.auth_tokens import AuthUser
 
@@ -24,18 +24,7 @@ class WheelController(Controller):
     ) -> Response[DrawOut]:
         """Spin once. The server alone decides; a 201 means the draw is stored."""
         data = data or DrawIn()
-        drawn = await play(
+        return await draw_response(
             request, game_id=game_id, game_type="wheel", user_id=user.id,
             idempotency_key=idempotency_key, pay_with_points=data.pay_with_points,
         )  # fmt: skip
-        out = DrawOut(
-            draw_no=drawn.draw_no,
-            game_id=game_id,
-            prize=await prize_at(request, game_id, drawn),
-            slot_index=drawn.position,
-            paid=drawn.paid,
-            pity=drawn.pity,
-        )
-        return Response(
-            out, status_code=201, headers={"Idempotent-Replayed": "true"} if drawn.replayed else None
-        )

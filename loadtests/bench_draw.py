@@ -30,7 +30,8 @@ from litestar import Litestar, Request, Response, post
 
 from games import admin, engine
 from games.schemas import DrawIn, GameIn, PrizeIn
-from loadtests.bench_flash import start, stop, wait_ready, wrk
+from loadtests.bench_flash import HERE, start, stop, wait_ready, wrk
+from loadtests.reference.apps import redis_lifespan
 from shop.auth_tokens import AUD_SHOPPER, issue_access_token
 from shop.db import connect
 from shop.hotpath import new_reservation_id
@@ -38,9 +39,6 @@ from shop.keys import Keys
 from shop.redis import Scripts, create_redis
 from shop.settings import load_settings, with_default_urls
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent
-VENV_BIN = Path(sys.executable).parent
 APPS = {
     "shop": "shop.app:create_app",
     "bare_draw": "loadtests.bench_draw:bare_draw",
@@ -54,14 +52,7 @@ def bare_draw() -> Litestar:
     keys = Keys(settings.redis_prefix)
     state: dict = {}
 
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        redis = create_redis(settings.redis_url)
-        state["redis"], state["sha"] = redis, Scripts(redis).game_draw.sha
-        try:
-            yield
-        finally:
-            await redis.aclose()
+    lifespan = redis_lifespan(settings, state, "game_draw")
 
     @post("/api/v1/games/{game_id:int}/draw")
     async def draw(request: Request, game_id: int, data: DrawIn | None = None) -> Response:

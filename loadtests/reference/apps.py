@@ -29,6 +29,21 @@ from shop.settings import load_settings, with_default_urls
 SOLD_OUT = {"error": {"code": "flash_sale.sold_out", "message": "Sold out"}}
 
 
+def redis_lifespan(settings, state: dict, script: str):
+    """A reference app's lifespan: a Redis client and the SHA of the one script it runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        redis = create_redis(settings.redis_url)
+        state["redis"], state["sha"] = redis, getattr(Scripts(redis), script).sha
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    return lifespan
+
+
 def bare_jwt() -> Litestar:
     settings = with_default_urls(load_settings())
 
@@ -45,14 +60,7 @@ def bare_evalsha() -> Litestar:
     keys = Keys(settings.redis_prefix)
     state: dict = {}
 
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        redis = create_redis(settings.redis_url)
-        state["redis"], state["sha"] = redis, Scripts(redis).flash_buy.sha
-        try:
-            yield
-        finally:
-            await redis.aclose()
+    lifespan = redis_lifespan(settings, state, "flash_buy")
 
     @post("/api/v1/flash-sales/{sale_id:int}/items/{item_id:int}/orders")
     async def buy(request: Request, sale_id: int, item_id: int, data: FlashBuyIn) -> Response:

@@ -26,13 +26,8 @@ from shop.db import provide_conn
 from shop.errors import NotFound, ShopError
 from shop.hotpath import hotpath_of
 from shop.idempotency import IdempotencyKey, check_key
-from shop.keys import Keys
 from shop.orders.service import price_lines, shipping_fee_for
 from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
-
-
-def _keys(state) -> Keys:
-    return Keys(state.settings.redis_prefix)
 
 
 async def _template_page(
@@ -49,7 +44,7 @@ async def _template_page(
     more = len(rows) > limit
     rows = rows[:limit]
     claimed = await service.live_claimed(
-        request.app.state.redis, _keys(request.app.state), [r["id"] for r in rows]
+        request.app.state.redis, request.app.state.redis_keys, [r["id"] for r in rows]
     )
     items = [service.template_out(r, claimed[r["id"]]) for r in rows]
     return TemplatePage(items=items, next_cursor=encode_cursor(rows[-1]["id"]) if more else None)
@@ -82,7 +77,7 @@ class CouponController(Controller):
         key = check_key(idempotency_key)
         try:
             claimed = await service.claim_coupon(
-                hotpath_of(state), state.scripts, _keys(state), template_id, user.id, key
+                hotpath_of(state), state.scripts, state.redis_keys, template_id, user.id, key
             )
         except ShopError as exc:
             if exc.code == "coupon.not_ready":
@@ -161,7 +156,9 @@ class AdminCouponController(Controller):
         row = await queries.fetch_template(conn, template_id)
         if row is None:
             raise NotFound("Coupon template not found", code="coupon.template_not_found")
-        claimed = await service.live_claimed(request.app.state.redis, _keys(request.app.state), [template_id])
+        claimed = await service.live_claimed(
+            request.app.state.redis, request.app.state.redis_keys, [template_id]
+        )
         return service.template_out(row, claimed[template_id])
 
     @put("/{template_id:int}")
@@ -171,13 +168,13 @@ class AdminCouponController(Controller):
         """Edit (the whole form). A live template keeps its counters; its value fields are frozen."""
         state = request.app.state
         return await service.update_template(
-            conn, state.redis, state.scripts, _keys(state), template_id, data
+            conn, state.redis, state.scripts, state.redis_keys, template_id, data
         )
 
     async def _transition(self, request: Request, conn, template_id: int, action: str) -> TemplateOut:
         state = request.app.state
         return await service.change_status(
-            conn, state.redis, state.scripts, _keys(state), template_id, action
+            conn, state.redis, state.scripts, state.redis_keys, template_id, action
         )
 
     @post("/{template_id:int}/activate", status_code=200)

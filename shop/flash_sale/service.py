@@ -118,26 +118,22 @@ async def _check_skus(conn: asyncpg.Connection, data: FlashSaleIn) -> None:
         raise NotFound(f"SKU {missing[0]} does not exist", code="catalog.sku_not_found")
 
 
+_ITEM_FIELDS = (
+    "id", "sku_id", "product_id", "title", "image_url", "original_price", "flash_price", "quota", "per_user_limit",
+)  # fmt: skip
+
+
+def _item_fields(item: asyncpg.Record) -> dict[str, Any]:
+    """The item fields the merchant's and the shopper's views share."""
+    return {name: item[name] for name in _ITEM_FIELDS}
+
+
 def sale_out(
     row: asyncpg.Record, items: Sequence[asyncpg.Record], remaining: dict[int, int | None]
 ) -> FlashSaleOut:
     return FlashSaleOut(
         **dict(row),
-        items=[
-            FlashItemOut(
-                id=i["id"],
-                sku_id=i["sku_id"],
-                product_id=i["product_id"],
-                title=i["title"],
-                image_url=i["image_url"],
-                original_price=i["original_price"],
-                flash_price=i["flash_price"],
-                quota=i["quota"],
-                per_user_limit=i["per_user_limit"],
-                remaining=remaining.get(i["id"]),
-            )
-            for i in items
-        ],
+        items=[FlashItemOut(**_item_fields(i), remaining=remaining.get(i["id"])) for i in items],
     )
 
 
@@ -588,15 +584,7 @@ async def _build_showcase(conn: asyncpg.Connection, redis: aioredis.Redis, keys:
                 phase="upcoming" if now < sale["starts_at"] else "live",
                 items=[
                     ShopperItemOut(
-                        id=i["id"],
-                        sku_id=i["sku_id"],
-                        product_id=i["product_id"],
-                        title=i["title"],
-                        image_url=i["image_url"],
-                        original_price=i["original_price"],
-                        flash_price=i["flash_price"],
-                        per_user_limit=i["per_user_limit"],
-                        quota=i["quota"],
+                        **_item_fields(i),
                         remaining=max(remaining[i["id"]], 0) if remaining.get(i["id"]) is not None else None,
                     )
                     for i in items
