@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 from litestar import Request
@@ -27,6 +29,18 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         server_settings={"timezone": "UTC", "application_name": "shop"},
         command_timeout=60,
     )
+
+
+@asynccontextmanager
+async def snapshot(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """Reads that must agree with each other (a rebuild of Redis counters): one REPEATABLE READ,
+    read-only transaction, so a write committing between two of them cannot be seen by one and
+    missed by the other. Inside a caller's transaction, that transaction is used as it is."""
+    if conn.is_in_transaction():
+        yield conn
+        return
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        yield conn
 
 
 class _RequestConnection:

@@ -71,6 +71,25 @@ async def return_ids(conn: asyncpg.Connection, sale_id: int) -> list[int]:
     ]
 
 
+async def keyed_orders(conn: asyncpg.Connection, sale_id: int) -> list[asyncpg.Record]:
+    """The sale's orders made with an Idempotency-Key (a rebuild puts the keys back into Redis)."""
+    return await conn.fetch(
+        """select reservation_id, item_id, user_id, qty, address_id, reserved_at, idempotency_key as key
+           from flash_sale_orders where flash_sale_id = $1 and idempotency_key is not null""",
+        sale_id,
+    )
+
+
+async def fetch_keyed_order_id(conn: asyncpg.Connection, sale_id: int, user_id: int, key: str) -> int | None:
+    return await conn.fetchval(
+        """select order_id from flash_sale_orders
+           where flash_sale_id = $1 and user_id = $2 and idempotency_key = $3""",
+        sale_id,
+        user_id,
+        key,
+    )
+
+
 async def fetch_order_id(conn: asyncpg.Connection, reservation_id: str) -> int | None:
     return await conn.fetchval(
         "select order_id from flash_sale_orders where reservation_id = $1", reservation_id

@@ -29,6 +29,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from shop.db import snapshot
 from shop.errors import Conflict, Forbidden, NotFound, RateLimited, Unavailable, ValidationFailed
 from shop.flash_sale import queries
 from shop.flash_sale.schemas import (
@@ -64,6 +65,7 @@ from shop.orders.service import (
 )
 from shop.reconcile import Difference, ReconcileContext, per_user_differences, register_checker
 from shop.settings import Settings
+from shop.users import get_address_snapshot
 
 log = logging.getLogger("shop.flash_sale")
 
@@ -259,12 +261,30 @@ async def rebuild_sale(
     # Everything the stream holds goes to PostgreSQL first, so the counts include it; entries
     # added after `last` are taken on top by the script.
     last = await persist_backlog(redis, conn, KIND, stream)
-    row = await queries.fetch_sale(conn, sale_id)
-    items = await queries.fetch_items(conn, [sale_id])
-    returns = await queries.return_ids(conn, sale_id)
+    async with snapshot(conn):  # one snapshot: a return committing meanwhile is counted once or not at all
+        row = await queries.fetch_sale(conn, sale_id)
+        items = await queries.fetch_items(conn, [sale_id])
+        returns = await queries.return_ids(conn, sale_id)
+        bought = {item["id"]: await queries.bought_counts(conn, item["id"]) for item in items}
+        keyed = await queries.keyed_orders(conn, sale_id)
+    ends_in = max(0, int((row["ends_at"] - datetime.now(UTC)).total_seconds()))
+    async with redis.pipeline(transaction=False) as pipe:
+        # Idempotency-Keys of orders back in Redis (a no-op where Redis still has them).
+        for k in keyed:
+            payload = _payload(
+                sale_id, k["item_id"], k["qty"], k["address_id"], _ms(k["reserved_at"]), k["key"]
+            )
+            record = f"{k['reservation_id']}\n{_fingerprint(k['item_id'], k['qty'], k['address_id'])}\n"
+            pipe.set(
+                keys.flash_idem(sale_id, k["user_id"], k["key"]),
+                record + encode_payload(payload),
+                ex=IDEMPOTENCY_TTL + ends_in,
+                nx=True,
+            )
+        await pipe.execute()
     for item in items:
         pairs: list[Any] = []
-        for user_id, n in (await queries.bought_counts(conn, item["id"])).items():
+        for user_id, n in bought[item["id"]].items():
             pairs += [user_id, n]
         await scripts.flash_warm_item(
             keys=_item_keys(keys, sale_id, item["id"]),
@@ -729,12 +749,13 @@ async def buy(
     # A retry carrying an Idempotency-Key may be the replay of a winner: it asks Redis.
     if idempotency_key is None and flags.get((sale_id, item_id), 0.0) > time.monotonic():
         raise Conflict("Sold out", code="flash_sale.sold_out")
+    await _check_address(state, user_id, body.address_id)
     keys: Keys = state.redis_keys
     hotpath: HotPath = _hotpath(state)
     rid = new_reservation_id()
     now = now_ms()
-    payload = {"e": sale_id, "i": item_id, "q": body.qty, "a": body.address_id, "at": now}
-    fingerprint = f"{item_id}:{body.qty}:{body.address_id}"
+    payload = _payload(sale_id, item_id, body.qty, body.address_id, now, idempotency_key)
+    fingerprint = _fingerprint(item_id, body.qty, body.address_id)
     reply = await hotpath.reserve(
         state.scripts.flash_buy,
         keys=[
@@ -787,11 +808,54 @@ async def buy(
         # Fault injection (tests): the reservation is in Redis, the order not yet in PostgreSQL.
         await asyncio.sleep(settings.flash_fault_pause_seconds)
     order = await hotpath.commit(KIND, reservation)
-    if order is None:  # written before (a replay, or the worker got there first)
+    replayed = outcome == "replay"
+    if order is None:
+        # Written before: a replay, the worker got there first, or (Redis forgot the key) the
+        # key's first order. In that last case Redis counted the units twice: `shop reconcile`
+        # finds that (never an oversell, at worst a unit held back) and rebuilds the counters.
         async with state.pool.acquire() as conn:
             order_id = await queries.fetch_order_id(conn, reservation.id)
+            if order_id is None and idempotency_key is not None:
+                order_id = await queries.fetch_keyed_order_id(conn, sale_id, user_id, idempotency_key)
+                replayed = True
             order = await load_order(conn, order_id)
-    return Bought(order, outcome == "replay")
+    return Bought(order, replayed)
+
+
+# Addresses checked to be the shopper's, per process: (user id, address id) -> checked until.
+ADDRESS_CHECK_SECONDS = 60.0
+ADDRESS_CACHE_SIZE = 100_000
+
+
+async def _check_address(state: Any, user_id: int, address_id: int) -> None:
+    """404 `address.not_found` unless the address is the shopper's; a hit is remembered a minute,
+    so a shopper's retries in a rush cost PostgreSQL one read per process."""
+    cache: dict[tuple[int, int], float] | None = getattr(state, "flash_addresses", None)
+    if cache is None:
+        cache = state.flash_addresses = {}
+    now = time.monotonic()
+    if cache.get((user_id, address_id), 0.0) > now:
+        return
+    async with state.pool.acquire() as conn:
+        await get_address_snapshot(conn, user_id, address_id)
+    if len(cache) >= ADDRESS_CACHE_SIZE:
+        cache.clear()
+    cache[(user_id, address_id)] = now + ADDRESS_CHECK_SECONDS
+
+
+def _payload(
+    sale_id: int, item_id: int, qty: int, address_id: int | None, at_ms: int, key: str | None
+) -> dict[str, Any]:
+    """A reservation's stream payload (what the persister writes the order from)."""
+    payload: dict[str, Any] = {"e": sale_id, "i": item_id, "q": qty, "a": address_id, "at": at_ms}
+    if key is not None:
+        payload["k"] = key
+    return payload
+
+
+def _fingerprint(item_id: int, qty: int, address_id: int | None) -> str:
+    """What a replay of an Idempotency-Key must repeat: item, quantity and address."""
+    return f"{item_id}:{qty}:{address_id}"
 
 
 async def explain_cold(conn: asyncpg.Connection, sale_id: int, item_id: int) -> None:
@@ -817,15 +881,19 @@ def _hotpath(state: Any) -> HotPath:
 # ---------------------------------------------------------------- persisting winners
 
 
+# A reservation already written (same id), or a second reservation with an Idempotency-Key that
+# already has an order (Redis forgot the key), is skipped: both conflicts end in "do nothing".
 PERSIST_LINKS = """
-insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at)
+insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at,
+    idempotency_key, address_id)
 select e.rid, nextval(pg_get_serial_sequence('orders', 'id')), i.flash_sale_id, e.item_id, e.uid, e.qty,
-       to_timestamp(e.ms / 1000.0)
-from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[]) as e (rid, uid, item_id, qty, ms)
+       to_timestamp(e.ms / 1000.0), nullif(e.k, ''), e.address_id
+from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::text[], $7::bigint[])
+     as e (rid, uid, item_id, qty, ms, k, address_id)
 join flash_sale_items i on i.id = e.item_id
 order by e.rid
-on conflict (reservation_id) do nothing
-returning reservation_id, order_id, item_id, user_id, qty, reserved_at"""
+on conflict do nothing
+returning reservation_id, order_id, item_id, user_id, qty, reserved_at, address_id"""
 
 ADDRESS_SNAPSHOT = """(select to_jsonb(a) from (select receiver, phone, province, city, district, detail, postal_code
                       from addresses where user_id = n.uid
@@ -886,7 +954,6 @@ async def persist_flash_orders(
 
     Returns the new orders by reservation id (the API answers with them without reading back).
     """
-    address = {e.id: e.payload.get("a") or 0 for e in entries}
     links = await conn.fetch(
         PERSIST_LINKS,
         [e.id for e in entries],
@@ -894,6 +961,8 @@ async def persist_flash_orders(
         [e.payload["i"] for e in entries],
         [e.payload["q"] for e in entries],
         [e.payload["at"] for e in entries],
+        [e.payload.get("k", "") for e in entries],
+        [e.payload.get("a") for e in entries],
     )
     if not links:
         return {}
@@ -906,7 +975,7 @@ async def persist_flash_orders(
         [r["qty"] for r in links],
         [r["reserved_at"] for r in links],
         tz,
-        [address[r["reservation_id"]] for r in links],
+        [r["address_id"] or 0 for r in links],
     )
     lines = await conn.fetch(
         PERSIST_LINES,
@@ -1012,8 +1081,9 @@ async def apply_returns(runtime: Runtime, returns: Sequence[tuple[int, int, int,
     if not returns:
         return 0
     keys = runtime.keys
+    done = []
     for return_id, sale_id, item_id, user_id, qty in returns:
-        await runtime.scripts.flash_return(
+        reply = await runtime.scripts.flash_return(
             keys=[
                 keys.flash_item(sale_id, item_id),
                 keys.flash_bought(sale_id, item_id),
@@ -1021,17 +1091,26 @@ async def apply_returns(runtime: Runtime, returns: Sequence[tuple[int, int, int,
             ],
             args=[return_id, user_id, qty],
         )
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "update flash_sale_returns set redis_done = true where id = any($1::bigint[])",
-            [r[0] for r in returns],
-        )
-    return len(returns)
+        # 'cold': Redis lost the sale. It stays pending: the rebuild counts it (and marks it done)
+        # if its snapshot saw it, and if not, the next retry applies it on the rebuilt counters.
+        if reply != "cold":
+            done.append(return_id)
+    if done:
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "update flash_sale_returns set redis_done = true where id = any($1::bigint[])", done
+            )
+    return len(done)
 
 
 async def restore_pending_returns(runtime: Runtime, batch: int = 500) -> int:
     """Returns whose after-commit step did not run (process died, no runtime): applied now."""
     async with runtime.pool.acquire() as conn:
+        # A settled sale sells no more: its returns went to SKU stock with the unsold units.
+        await conn.execute(
+            """update flash_sale_returns r set redis_done = true from flash_sales f
+               where not r.redis_done and f.id = r.flash_sale_id and f.status = 'settled'"""
+        )
         rows = await conn.fetch(
             """select id, flash_sale_id, item_id, user_id, qty from flash_sale_returns
                where not redis_done and created_at < now() - interval '200 milliseconds'

@@ -15,7 +15,7 @@
 -- ARGV[4] reservation id
 -- ARGV[5] payload JSON for the stream entry
 -- ARGV[6] '1' when the request carried an Idempotency-Key
--- ARGV[7] TTL of the idempotency record, seconds
+-- ARGV[7] TTL of the idempotency record after the sale's end, seconds
 -- ARGV[8] fingerprint of the request body (a replay with another body is refused by the caller)
 -- ARGV[9] item id (stream field `i`, so a rebuild can count the tail per item)
 --
@@ -84,6 +84,9 @@ remaining = redis.call('HINCRBY', KEYS[2], 'remaining', -qty)
 redis.call('HINCRBY', KEYS[3], ARGV[2], qty)
 local id = redis.call('XADD', KEYS[7], '*', 'rid', ARGV[4], 'uid', ARGV[2], 'p', ARGV[5], 'i', ARGV[9], 'q', ARGV[3])
 if ARGV[6] == '1' then
-  redis.call('SET', KEYS[4], ARGV[4] .. '\n' .. ARGV[8] .. '\n' .. ARGV[5], 'EX', tonumber(ARGV[7]))
+  -- Kept until ARGV[7] seconds after the sale ends: a retry is answered with its order while the
+  -- sale lasts and a while after (PostgreSQL keeps the key too: it never makes a second order).
+  local ttl = tonumber(ARGV[7]) + math.max(0, math.floor((tonumber(s[3]) - now) / 1000))
+  redis.call('SET', KEYS[4], ARGV[4] .. '\n' .. ARGV[8] .. '\n' .. ARGV[5], 'EX', ttl)
 end
 return {'ok', ARGV[4], id, remaining}

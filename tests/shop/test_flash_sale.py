@@ -291,6 +291,63 @@ async def test_idempotency_key_replays_the_same_order(client, app, db, settings,
     assert await redis_item(app, sale) == await db_item(db, sale) == (9, {shopper["id"]: 1})
 
 
+async def test_a_key_redis_forgot_never_makes_a_second_order(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=3)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    first = await buy(client, shopper, sale, key="k-lost")
+    assert first.status_code == 201, first.text
+    keys = Keys(settings.redis_prefix)
+    idem = keys.flash_idem(sale["id"], shopper["id"], "k-lost")
+    # Kept for the sale's hour and a day after, not only a day.
+    assert 24 * 3600 + 3500 < await app.state.redis.ttl(idem) <= 25 * 3600
+    await app.state.redis.delete(idem)  # Redis forgot it (a flush, an expiry)
+    retried = await asyncio.gather(*(buy(client, shopper, sale, key="k-lost") for _ in range(3)))
+    assert [r.status_code for r in retried] == [201] * 3
+    assert {r.json()["id"] for r in retried} == {first.json()["id"]}
+    assert all(r.headers.get("Idempotent-Replayed") == "true" for r in retried)
+    assert await db.fetchval("select count(*) from orders") == 1
+    assert await db.fetchval("select idempotency_key from flash_sale_orders") == "k-lost"
+    # Redis counted the retry's unit: reconcile finds it and gives it back.
+    assert await redis_item(app, sale) != await db_item(db, sale)
+    from shop.reconcile import reconcile
+
+    assert (await reconcile(settings, fix=True)).remaining == []
+    assert await redis_item(app, sale) == await db_item(db, sale) == (9, {shopper["id"]: 1})
+
+
+async def test_a_rebuild_puts_the_keys_back(client, app, db, settings, admin_headers):
+    from shop.reconcile import reconcile
+
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=3)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    first = await buy(client, shopper, sale, key="k-flush")
+    assert first.status_code == 201, first.text
+    await app.state.redis.delete(
+        *[k async for k in app.state.redis.scan_iter(match=f"{settings.redis_prefix}:*", count=1000)]
+    )
+    assert (await reconcile(settings, fix=True)).remaining == []
+    again = await buy(client, shopper, sale, key="k-flush")
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = await buy(client, shopper, sale, key="k-flush", qty=2)
+    assert other.status_code == 422 and code_of(other) == "idempotency.mismatch"
+    assert await db.fetchval("select count(*) from orders") == 1
+    assert await redis_item(app, sale) == await db_item(db, sale) == (9, {shopper["id"]: 1})
+
+
+async def test_buying_with_another_shoppers_address_is_404(client, app, db, settings, admin_headers):
+    sale = await make_sale(client, admin_headers, db, quota=10)
+    mine, theirs = await buyers(db, settings, 2, sale["id"])
+    r = await buy(client, mine, sale, address_id=theirs["address_id"])
+    assert r.status_code == 404 and code_of(r) == "address.not_found"
+    r = await buy(client, mine, sale, address_id=10**12)
+    assert r.status_code == 404 and code_of(r) == "address.not_found"
+    assert await db.fetchval("select count(*) from orders") == 0
+    assert await redis_item(app, sale) == (10, {})
+    r = await buy(client, mine, sale)
+    assert r.status_code == 201 and r.json()["address"]["receiver"] == "张三"
+
+
 async def test_sold_out_is_answered_from_memory_and_returned_units_sell_again(
     client, app, db, settings, admin_headers
 ):

@@ -1,0 +1,7 @@
+-- A flash-sale purchase's Idempotency-Key is kept with its order, not only in Redis: a retry
+-- after Redis forgot the key (its TTL, a flush) can never make a second order, and a rebuild of
+-- the sale's counters puts the keys back so the retry is answered with the first order.
+alter table flash_sale_orders add column idempotency_key text;
+alter table flash_sale_orders add column address_id bigint;
+create unique index flash_sale_orders_idempotency_idx
+    on flash_sale_orders (flash_sale_id, user_id, idempotency_key) where idempotency_key is not null;
