@@ -8,7 +8,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from litestar import Controller, Request, get, post, put
 
-from games import engine
+from games import delivery, engine
 from games.schemas import (
     ChanceGrantIn,
     ChanceGrantOut,
@@ -67,6 +67,9 @@ async def check_game(conn: asyncpg.Connection, data: GameIn) -> None:
                         f"{'required' if field == wanted else 'not allowed'} for {prize.kind}",
                     )
                 )
+        if prize.kind == "goods" and prize.stock is None:
+            # Its units are set aside from the SKU's stock when the game goes live.
+            problems.append((f"prizes[{i}].stock", "required for goods"))
     templates = [p.coupon_template_id for p in data.prizes if p.coupon_template_id]
     skus = [p.sku_id for p in data.prizes if p.sku_id]
     known_templates = {
@@ -167,8 +170,9 @@ async def change_status(
     settings: Settings,
     game_id: int,
     action: str,
+    admin_id: int | None = None,
 ) -> None:
-    """activate (prewarms Redis), pause, end: each a conditional UPDATE on the status."""
+    """activate (sets goods aside, prewarms Redis), pause, end (settles): each a conditional UPDATE."""
     target, sources = TRANSITIONS[action]
     async with conn.transaction():
         old = await conn.fetchval("select status from games where id = $1 for update", game_id)
@@ -184,9 +188,18 @@ async def change_status(
         if row is None:
             raise Conflict(f"Cannot {action} a game that is {old}", code="game.illegal_transition")
         if old == "draft":
-            await engine.rebuild_game(conn, redis, scripts, keys, settings, game_id)
+            await delivery.set_aside_goods(conn, game_id, admin_id)
+            warm = False
         else:
-            await engine.warm_rules(conn, redis, scripts, keys, settings, row)
+            # Inside the transaction: Redis that cannot be told keeps the old status in both.
+            prizes = (await engine.fetch_prizes(conn, [game_id]))[game_id]
+            warm = await engine.warm_rules(keys, scripts, settings, row, prizes)
+    # After the commit: Redis never hands out goods PostgreSQL has not set aside (the rebuild
+    # reads its own snapshot). If this fails, draws answer 503 until `shop reconcile --fix`.
+    if not warm:
+        await engine.rebuild_game(conn, redis, scripts, keys, settings, game_id)
+    if action == "end":
+        await delivery.settle_game(conn, redis, keys, game_id, admin_id=admin_id)
 
 
 def odds_of(game: Any, prizes: list[Any]) -> OddsOut:
@@ -313,7 +326,7 @@ class AdminGameController(Controller):
             raise NotFound("No such action", code="game.unknown_action")
         state = request.app.state
         await change_status(
-            conn, state.redis, state.scripts, request.app.state.redis_keys, state.settings, game_id, action
+            conn, state.redis, state.scripts, state.redis_keys, state.settings, game_id, action, admin.id
         )
         return await _one(conn, request, game_id)
 
@@ -339,8 +352,8 @@ class AdminGameController(Controller):
         state = request.app.state
         granted = await engine.grant_chances(
             conn,
-            state.redis,
-            request.app.state.redis_keys,
+            state.scripts,
+            state.redis_keys,
             state.settings,
             game,
             data.user_id,

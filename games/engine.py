@@ -9,11 +9,14 @@ answer. A paid draw debits the points ledger first and credits it back if the sc
 
 Each win that is not a sealed scratch card enters the `prize_deliveries` outbox in the same
 statement as its draw row (games/delivery.py delivers it). Extra chances (paid orders, merchant
-tasks) and `shop reconcile`'s rebuild of the Redis counters live here too.
+tasks) and `shop reconcile`'s rebuild of the Redis counters live here too. Units given back and
+chances granted are committed in PostgreSQL first and reach Redis after the commit, once per
+draw or grant id (`game_return.lua`, `game_grant.lua`); the rebuild reads one snapshot.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ from shop.keys import Keys
 from shop.points import earn_points, spend_points
 from shop.reconcile import Difference, ReconcileContext, register_checker
 from shop.settings import Settings
+
+log = logging.getLogger("games.engine")
 
 KIND = "game_draw"  # the hot-path stream kind
 IDEMPOTENCY_TTL = 24 * 3600
@@ -250,44 +255,133 @@ async def rebuild_game(
     settings: Settings,
     game_id: int,
 ) -> None:
-    """Write the game's rules, stock and chance counters into Redis from PostgreSQL (the truth)."""
-    game = await fetch_game(conn, game_id)
-    prizes = (await fetch_prizes(conn, [game_id]))[game_id]
+    """Write the game's rules, stock and chance counters into Redis from PostgreSQL (the truth).
+
+    Call it outside a transaction: it reads one snapshot of its own.
+    """
     stream = keys.game_stream(game_id)
     # Every draw the stream holds goes to PostgreSQL first; later ones the script adds on top.
     last = await persist_backlog(redis, conn, KIND, stream)
     today = business_date(settings)
-    counts = await expected_counts(conn, game_id, prizes, today)
-    state = rule_pairs(game, prizes) + _flat({f"s:{pos}": n for pos, n in counts.left.items()})
-    users, day = _flat(counts.users), _flat(counts.day)
+    # One snapshot for every count (READ COMMITTED would let a return or a grant that commits
+    # between two statements be counted in one and not the other).
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        game = await fetch_game(conn, game_id)  # the first statement takes the snapshot
+        # Draws the API wrote after `last` are in the snapshot and in the stream: counted once.
+        tail = await redis.xrange(stream, min="-" if last == "0-0" else f"({last}", max="+")
+        counted = await conn.fetch(
+            "select draw_no from game_draws where draw_no = any($1::text[])", [f["rid"] for _, f in tail if f]
+        )
+        prizes = (await fetch_prizes(conn, [game_id]))[game_id]
+        counts = await expected_counts(conn, game_id, prizes, today)
+        returned = [r["id"] for r in await conn.fetch(RETURNED_DRAWS, game_id, [])]
+        granted = [r["id"] for r in await conn.fetch(TODAYS_GRANTS, game_id, today, [])]
+    # Marked as counted: their own after-commit step (or its retry) finds them done.
+    state = rule_pairs(game, prizes) + _flat(
+        {**{f"s:{pos}": n for pos, n in counts.left.items()}, **{f"r:{i}": 1 for i in returned}}
+    )
+    users = _flat(counts.users)
+    day = _flat({**counts.day, **{f"grant:{i}": 1 for i in granted}})
     await scripts.game_warm(
         keys=_game_keys(keys, game_id, today),
         args=[
-            "rebuild",
-            len(state),
-            *state,
-            last,
-            today.isoformat(),
-            len(users),
-            *users,
-            len(day),
-            *day,
-            DAY_TTL,
+            "rebuild", len(state), *state, last, today.isoformat(), len(users), *users, len(day), *day,
+            DAY_TTL, len(counted), *(r["draw_no"] for r in counted),
         ],
-    )
+    )  # fmt: skip
     await register_stream(redis, keys, KIND, stream)
+    # Returns and grants committed after the snapshot go on top, once each: their own step may
+    # have run before the warm (on the state it replaced, or on none).
+    await return_units_to_redis(conn, scripts, keys, await conn.fetch(RETURNED_DRAWS, game_id, returned))
+    await apply_chance_grants(conn, scripts, keys, await conn.fetch(TODAYS_GRANTS, game_id, today, granted))
+    await conn.execute(
+        "update game_draws set return_pending = false where id = any($1::bigint[]) and return_pending",
+        returned,
+    )
+    await conn.execute(
+        "update game_chance_grants set redis_done = true where id = any($1::bigint[]) and not redis_done",
+        granted,
+    )
 
 
-async def warm_rules(
-    conn: asyncpg.Connection, redis: aioredis.Redis, scripts: Any, keys: Keys, settings: Settings, game: Any
-) -> None:
-    """Update the live rules (status, window); counters untouched, rebuilt when Redis has none."""
-    prizes = (await fetch_prizes(conn, [game["id"]]))[game["id"]]
+RETURNED_DRAWS = """select id, game_id, user_id, position from game_draws
+    where game_id = $1 and returned and id <> all($2::bigint[])"""
+GRANT_FIELDS = "id, game_id, user_id, business_date, amount"
+TODAYS_GRANTS = f"""select {GRANT_FIELDS} from game_chance_grants
+    where game_id = $1 and business_date = $2 and amount > 0 and id <> all($3::bigint[])"""
+
+
+async def warm_rules(keys: Keys, scripts: Any, settings: Settings, game: Any, prizes: Sequence[Any]) -> bool:
+    """Update the live rules (status, window), counters untouched; False when Redis holds no state
+    (the caller rebuilds it, after its commit)."""
     reply = await scripts.game_warm(
         keys=_game_keys(keys, game["id"], business_date(settings)), args=["config", *rule_pairs(game, prizes)]
     )
-    if reply[0] == "cold":
-        await rebuild_game(conn, redis, scripts, keys, settings, game["id"])
+    return reply[0] != "cold"
+
+
+# ---------------------------------------------------------------- Redis told after the commit
+# A unit given back and a chance granted are committed in PostgreSQL first (flagged as not yet in
+# Redis), then applied by one script each, once per draw or grant id: a retry, a second worker or
+# a rebuild that counted it finds it done. A script that finds no state does nothing: the
+# rebuild from PostgreSQL counts it.
+
+
+async def return_units_to_redis(
+    conn: asyncpg.Connection, scripts: Any, keys: Keys, draws: Sequence[Any]
+) -> int:
+    """Draws whose unit came back (id, game_id, user_id, position): into Redis once each, then marked."""
+    for d in draws:
+        await scripts.game_return(
+            keys=[keys.game_state(d["game_id"]), keys.game_users(d["game_id"])],
+            args=[d["id"], d["user_id"], d["position"]],
+        )
+    if draws:
+        await conn.execute(
+            "update game_draws set return_pending = false where id = any($1::bigint[])",
+            [d["id"] for d in draws],
+        )
+    return len(draws)
+
+
+async def apply_chance_grants(
+    conn: asyncpg.Connection, scripts: Any, keys: Keys, grants: Sequence[Any]
+) -> int:
+    """Committed grants (GRANT_FIELDS): into Redis once each, then marked."""
+    for g in grants:
+        await scripts.game_grant(
+            keys=[keys.game_state(g["game_id"]), keys.game_day(g["game_id"], g["business_date"].isoformat())],
+            args=[g["id"], g["user_id"], g["amount"], DAY_TTL],
+        )
+    if grants:
+        await conn.execute(
+            "update game_chance_grants set redis_done = true where id = any($1::bigint[])",
+            [g["id"] for g in grants],
+        )
+    return len(grants)
+
+
+async def restore_pending(pool: asyncpg.Pool, scripts: Any, keys: Keys, batch: int = 500) -> int:
+    """Returns and grants whose after-commit step did not run (a crash, a Redis error): applied now."""
+    async with pool.acquire() as conn:
+        draws = await conn.fetch(
+            "select id, game_id, user_id, position from game_draws where return_pending order by id limit $1",
+            batch,
+        )
+        grants = await conn.fetch(
+            f"select {GRANT_FIELDS} from game_chance_grants where not redis_done order by id limit $1", batch
+        )
+        return await return_units_to_redis(conn, scripts, keys, draws) + await apply_chance_grants(
+            conn, scripts, keys, grants
+        )
+
+
+async def after_commit(step: Any, what: str) -> None:
+    """Run an after-commit Redis step; a failure is logged and left to restore_pending."""
+    try:
+        await step
+    except Exception:
+        log.exception("%s not yet in Redis (the worker retries)", what)
 
 
 async def live_stock(
@@ -302,7 +396,7 @@ async def live_stock(
 # ---------------------------------------------------------------- drawing (the hot path)
 
 
-@register_persister(KIND)
+@register_persister(KIND, single_statement=True)
 async def persist_draws(conn: asyncpg.Connection, entries: Sequence[Reservation]) -> None:
     """Many draws in one statement, and an outbox row for each win that is not a sealed card."""
     await conn.execute(
@@ -580,10 +674,8 @@ async def reveal_card(conn: asyncpg.Connection, card_id: str, user_id: int) -> a
 # ---------------------------------------------------------------- extra chances
 
 
-async def grant_chances(
+async def record_chance_grant(
     conn: asyncpg.Connection,
-    redis: aioredis.Redis,
-    keys: Keys,
     settings: Settings,
     game: Any,
     user_id: int,
@@ -591,8 +683,13 @@ async def grant_chances(
     *,
     source: str,
     ref: str,
-) -> int:
-    """Extra chances for today, within the game's daily cap, once per (source, ref); returns how many."""
+) -> asyncpg.Record | None:
+    """Extra chances for today, within the game's daily cap, once per (source, ref), in PostgreSQL
+    only (in the caller's transaction, if any); the new grant (GRANT_FIELDS) or None.
+
+    Redis learns of it after the commit (apply_chance_grants, or restore_pending): applied
+    inside a transaction that then rolls back and is retried, it would count twice.
+    """
     today = business_date(settings)
     async with conn.transaction():
         # One shopper's grants for one game are counted and written one at a time.
@@ -608,9 +705,9 @@ async def grant_chances(
         )
         # Past the cap the reference is still recorded (amount 0): it is handled, not retried.
         amount = max(min(amount, game["extra_per_day_cap"] - so_far), 0)
-        inserted = await conn.fetchval(
-            """insert into game_chance_grants (game_id, user_id, business_date, amount, source, ref)
-               values ($1, $2, $3, $4, $5, $6) on conflict do nothing returning id""",
+        return await conn.fetchrow(
+            f"""insert into game_chance_grants (game_id, user_id, business_date, amount, source, ref, redis_done)
+                values ($1, $2, $3, $4, $5, $6, $4 = 0) on conflict do nothing returning {GRANT_FIELDS}""",
             game["id"],
             user_id,
             today,
@@ -618,19 +715,36 @@ async def grant_chances(
             source,
             ref,
         )
-        if inserted is None or amount == 0:
-            return 0
-        day_key = keys.game_day(game["id"], today.isoformat())
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(day_key, f"{user_id}:x", amount)
-            pipe.expire(day_key, DAY_TTL)
-            await pipe.execute()
-    return amount
+
+
+async def grant_chances(
+    conn: asyncpg.Connection,
+    scripts: Any,
+    keys: Keys,
+    settings: Settings,
+    game: Any,
+    user_id: int,
+    amount: int,
+    *,
+    source: str,
+    ref: str,
+) -> int:
+    """record_chance_grant in a transaction of its own, then Redis; returns how many were granted."""
+    if conn.is_in_transaction():
+        raise RuntimeError("grant_chances commits before telling Redis: use record_chance_grant here")
+    grant = await record_chance_grant(conn, settings, game, user_id, amount, source=source, ref=ref)
+    if grant is None or grant["amount"] == 0:
+        return 0
+    await after_commit(apply_chance_grants(conn, scripts, keys, [grant]), f"chance grant {grant['id']}")
+    return grant["amount"]
 
 
 @on_order_event("order.paid", "games.chances_on_paid_order")
 async def chances_on_paid_order(conn: asyncpg.Connection, event: OrderEvent, ctx: Any) -> None:
-    """A paid order grants the configured extra chances in every running game that offers them."""
+    """A paid order grants the configured extra chances in every running game that offers them.
+
+    Inside the event's transaction: the worker's restore_pending tells Redis once it committed.
+    """
     order = await conn.fetchrow("select user_id, kind from orders where id = $1", event.order_id)
     if order is None or order["kind"] == "prize":
         return
@@ -639,14 +753,14 @@ async def chances_on_paid_order(conn: asyncpg.Connection, event: OrderEvent, ctx
             and extra_per_day_cap > 0 and starts_at <= now() and ends_at > now() order by id"""
     )
     for game in games:
-        await grant_chances(
-            conn, ctx.redis, ctx.keys, ctx.settings, game, order["user_id"], game["chances_per_paid_order"],
+        await record_chance_grant(
+            conn, ctx.settings, game, order["user_id"], game["chances_per_paid_order"],
             source="order.paid", ref=str(event.order_id),
         )  # fmt: skip
 
 
 async def grant_invite_chances(
-    pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys, settings: Settings, batch: int = 500
+    pool: asyncpg.Pool, scripts: Any, keys: Keys, settings: Settings, batch: int = 500
 ) -> int:
     """The invitation task: each shopper who logged in for the first time with an inviter, during a
     running game that rewards invitations, gives the inviter its chances once (within the daily cap)."""
@@ -670,7 +784,7 @@ async def grant_invite_chances(
             )
             for row in invitees:
                 granted += await grant_chances(
-                    conn, redis, keys, settings, game, row["inviter_id"], game["chances_per_invite"],
+                    conn, scripts, keys, settings, game, row["inviter_id"], game["chances_per_invite"],
                     source="invite", ref=str(row["id"]),
                 )  # fmt: skip
     return granted
@@ -692,6 +806,7 @@ async def check_game_counters(ctx: ReconcileContext) -> list[Difference]:
         await persist_backlog(ctx.redis, ctx.conn, KIND, stream)
         prizes = all_prizes[game["id"]]
         counts = await expected_counts(ctx.conn, game["id"], prizes, today)
+        await _leave_out_pending(ctx.conn, game["id"], prizes, today, counts)
         pairs = rule_pairs(game, prizes)
         expected = {str(pairs[i]): str(pairs[i + 1]) for i in range(0, len(pairs), 2)}
         expected.update({f"s:{pos}": str(n) for pos, n in counts.left.items()})
@@ -703,7 +818,9 @@ async def check_game_counters(ctx: ReconcileContext) -> list[Difference]:
             ("users", ctx.keys.game_users(game["id"]), counts.users),
             ("today", ctx.keys.game_day(game["id"], today.isoformat()), counts.day),
         ):
-            have = {k: int(v) for k, v in (await ctx.redis.hgetall(key)).items()}
+            have = {
+                k: int(v) for k, v in (await ctx.redis.hgetall(key)).items() if not k.startswith("grant:")
+            }
             for field in sorted(set(have) | set(want_map)):
                 if have.get(field, 0) != want_map.get(field, 0):
                     diffs.append(
@@ -714,6 +831,23 @@ async def check_game_counters(ctx: ReconcileContext) -> list[Difference]:
         if stream not in streams:
             diffs.append(Difference("games", subject, "stream registered", True, False))
     return diffs
+
+
+async def _leave_out_pending(
+    conn: asyncpg.Connection, game_id: int, prizes: Sequence[Any], today: date, counts: Counts
+) -> None:
+    """Returns and grants whose after-commit step is still due are not in Redis yet: not expected there."""
+    kinds = {p["position"]: p["kind"] for p in prizes}
+    for r in await conn.fetch(
+        "select user_id, position from game_draws where game_id = $1 and return_pending", game_id
+    ):
+        if counts.left[r["position"]] >= 0:
+            counts.left[r["position"]] -= 1
+        if kinds[r["position"]] != "thanks":
+            wins = f"{r['user_id']}:w:{r['position']}"
+            counts.users[wins] = counts.users.get(wins, 0) + 1
+    for g in await conn.fetch(TODAYS_GRANTS + " and not redis_done", game_id, today, []):
+        counts.day[f"{g['user_id']}:x"] -= g["amount"]
 
 
 async def fix_game_counters(ctx: ReconcileContext, diffs: list[Difference]) -> None:

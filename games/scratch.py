@@ -6,7 +6,7 @@ import asyncpg
 from litestar import Controller, Request, Response, post
 
 from games import engine
-from games.play import IdempotencyKey, play
+from games.play import IdempotencyKey, check_key, play
 from games.schemas import CardOut, DrawIn, ScratchOut
 from shop.auth_tokens import AuthUser
 
@@ -27,8 +27,8 @@ class ScratchController(Controller):
         """Issue a card: its result is decided and stored now, and not part of this answer."""
         data = data or DrawIn()
         drawn = await play(
-            request, game_id=game_id, game_type="scratch", user_id=user.id,
-            idempotency_key=idempotency_key, pay_with_points=data.pay_with_points, kind="card",
+            request.app.state, game_id=game_id, game_type="scratch", user_id=user.id,
+            idempotency_key=check_key(idempotency_key), pay_with_points=data.pay_with_points, kind="card",
         )  # fmt: skip
         out = CardOut(
             card_id=drawn.draw_no,

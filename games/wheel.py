@@ -22,7 +22,10 @@ class WheelController(Controller):
         data: DrawIn | None = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[DrawOut]:
-        """Spin once. The server alone decides; a 201 means the draw is stored."""
+        """Spin once. The server alone decides; a 201 means the draw is stored.
+
+        Served as a fast route (shop/fastroute.py) unless `SHOP_FAST_ROUTES=false`.
+        """
         data = data or DrawIn()
         return await draw_response(
             request, game_id=game_id, game_type="wheel", user_id=user.id,

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(2)  # the worker's persist pass (every second) for any reservation an API died on
     result = asyncio.run(check_invariants(settings, sale, demand=args.users * args.per_user_limit))
     print(
-        f"orders {result.orders}, units in orders {result.units_in_orders}, sold column {result.sold_column}, "
+        f"orders {result.orders}, units in orders {result.units_in_orders}, sold (rows) {result.sold_column}, "
         f"sold in Redis {result.sold_in_redis}, expected {result.expected}"
     )
     failures = result.failures

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from shop.auth_tokens import AUD_SHOPPER, issue_access_token
 from shop.db import connect
 from shop.flash_sale import service
+from shop.flash_sale.queries import SOLD
 from shop.flash_sale.schemas import FlashItemIn, FlashSaleIn
 from shop.keys import Keys
 from shop.redis import Scripts, create_redis
@@ -121,7 +122,7 @@ class Invariants:
         out = []
         if not (self.units_in_orders == self.sold_in_redis == self.sold_column == self.expected):
             out.append(
-                f"units in PostgreSQL orders {self.units_in_orders}, sold column {self.sold_column}, "
+                f"units in PostgreSQL orders {self.units_in_orders}, sold (rows) {self.sold_column}, "
                 f"sold in Redis {self.sold_in_redis}, expected min(demand, quota) = {self.expected}"
             )
         if self.over_limit:
@@ -138,7 +139,9 @@ async def check_invariants(settings: Settings, sale: Sale, demand: int) -> Invar
         orders, units = await conn.fetchrow(
             "select count(*), coalesce(sum(qty), 0) from flash_sale_orders where flash_sale_id = $1", sale.id
         )
-        sold_column = await conn.fetchval("select sold from flash_sale_items where id = $1", sale.item_id)
+        sold_column = await conn.fetchval(
+            f"select {SOLD} from flash_sale_items i where id = $1", sale.item_id
+        )
         over = await conn.fetch(
             """select user_id from flash_sale_orders where item_id = $1 group by user_id having sum(qty) > $2""",
             sale.item_id,

@@ -15,7 +15,7 @@ from litestar.static_files import create_static_files_router
 
 from shop import migrate
 from shop.auth_tokens import provide_admin, provide_user
-from shop.db import connection_middleware, create_pool, provide_conn
+from shop.db import connection_middleware, create_hot_pool, create_pool, provide_conn
 from shop.errors import render_error
 from shop.health import healthz, readyz
 from shop.keys import Keys
@@ -40,20 +40,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await create_pool(settings)
-        redis = None
+        redis = hot_pool = None
         try:
             async with pool.acquire() as conn:
                 await migrate.ensure_migrated(conn)
+            hot_pool = await create_hot_pool(settings)
             redis = create_redis(settings.redis_url)
             app.state.pool = pool
+            app.state.hot_pool = hot_pool
             app.state.redis = redis
             app.state.scripts = Scripts(redis)
             app.state.providers = build_providers(settings)
             yield
         finally:
             await close_providers(getattr(app.state, "providers", {}))
+            hotpath = getattr(app.state, "hotpath", None)
+            if hotpath is not None:
+                await hotpath.aclose()
+                app.state.hotpath = None
             if redis is not None:
                 await redis.aclose()
+            if hot_pool is not None:
+                await hot_pool.close()
             await pool.close()
 
     openapi = OpenAPIConfig(
@@ -73,6 +81,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     swagger_static = create_static_files_router(
         path="/schema/static", directories=[SWAGGER_DIR], include_in_schema=False, name="swagger-static"
     )
+    from games.fastpath import WHEEL_DRAW
+    from shop.fastroute import fast_routes
+    from shop.flash_sale.fastpath import BUY
     from shop.observability import observability_middleware, on_app_init_observability
 
     app = Litestar(
@@ -92,7 +103,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     # Outermost, around Litestar's router: 404s and 405s get a request id, a log line and metrics too,
     # and the request's connection is given back however the request ends.
-    app.asgi_handler = observability_middleware(settings)(connection_middleware(app.asgi_handler))
+    # The crowd routes (flash-sale buy, wheel draw) are served in front of the router (shop/fastroute.py).
+    app.asgi_handler = observability_middleware(settings)(
+        fast_routes([BUY, WHEEL_DRAW])(connection_middleware(app.asgi_handler))
+    )
     app.state.settings = settings
     app.state.redis_keys = Keys(settings.redis_prefix)
     return app

@@ -303,6 +303,7 @@ def _trusted_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6N
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
 
 
+@lru_cache(maxsize=4096)
 def _is_trusted(host: str, networks: tuple) -> bool:
     try:
         address = ipaddress.ip_address(host)
@@ -314,10 +315,17 @@ def _is_trusted(host: str, networks: tuple) -> bool:
 def client_ip(request: Request, settings: Settings) -> str:
     """The caller's address: X-Forwarded-For is believed only as far as it was added by trusted proxies."""
     peer = request.client.host if request.client else ""
+    return client_ip_of(peer, request.headers.get("x-forwarded-for", ""), settings)
+
+
+def client_ip_of(peer: str, forwarded_for: str, settings: Settings) -> str:
+    """`client_ip` from the peer address and the X-Forwarded-For header value."""
+    if not settings.trusted_proxies:
+        return peer
     networks = _trusted_networks(settings.trusted_proxies)
     if not _is_trusted(peer, networks):
         return peer
-    hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _is_trusted(hop, networks):
             return hop

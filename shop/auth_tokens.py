@@ -87,20 +87,29 @@ def _verify_access_token(settings: Settings, token: str, audience: str) -> dict:
         raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def bearer_token(header: str) -> str:
+    """The token of an `Authorization: Bearer …` header value; 401 `auth.required` otherwise."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Missing bearer token", code="auth.required")
     return token.strip()
 
 
-async def provide_user(request: Request) -> AuthUser:
-    claims = decode_access_token(request.app.state.settings, _bearer(request), AUD_SHOPPER)
+def _bearer(request: Request) -> str:
+    return bearer_token(request.headers.get("authorization", ""))
+
+
+def shopper_of(settings: Settings, authorization: str) -> AuthUser:
+    """The shopper an Authorization header value proves, or 401."""
+    claims = decode_access_token(settings, bearer_token(authorization), AUD_SHOPPER)
     try:
         return AuthUser(id=int(claims["sub"]))
     except ValueError as exc:
         raise Unauthorized("Invalid token", code="auth.invalid_token") from exc
+
+
+async def provide_user(request: Request) -> AuthUser:
+    return shopper_of(request.app.state.settings, request.headers.get("authorization", ""))
 
 
 async def provide_admin(request: Request) -> AuthAdmin:

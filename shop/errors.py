@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from litestar import Request, Response
@@ -85,20 +86,27 @@ def error_body(code: str, message: str, details: list[dict[str, str]] | None = N
     return {"error": err}
 
 
-def _validation_details(extra: Any) -> list[dict[str, str]]:
+_NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
+
+
+def validation_details(extra: Any) -> list[dict[str, str]]:
     details = []
     for item in extra if isinstance(extra, list) else []:
         if isinstance(item, dict):
             key = item.get("key") or item.get("source") or ""
             message = str(item.get("message", "invalid"))
             # msgspec messages end with " - at `$.field`": expose the field path on its own.
-            field = str(key)
+            field = "body" if key == "data" else str(key)  # Litestar names the request body "data"
             if " - at `$." in message:
                 message, _, path = message.partition(" - at `$.")
                 field = path.rstrip("`")
             elif " - at `$`" in message:
                 message = message.partition(" - at `$`")[0]
                 field = "body"
+            # "Object missing required field `x`" / "contains unknown field `x`": the field is x.
+            named = _NAMED_FIELD.search(message)
+            if named is not None:
+                field = named[1] if field in ("body", "") else f"{field}.{named[1]}"
             details.append({"field": field or "body", "message": message})
     return details or [{"field": "body", "message": "invalid request"}]
 
@@ -110,7 +118,7 @@ def render_error(request: Request, exc: Exception) -> Response:
             error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers
         )
     if isinstance(exc, ValidationException):
-        details = _validation_details(exc.extra)
+        details = validation_details(exc.extra)
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return Response(error_body("validation_failed", message, details), status_code=422)
     if isinstance(exc, NotFoundException):

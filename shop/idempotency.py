@@ -23,7 +23,8 @@ from shop.errors import ValidationFailed
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 # The header parameter every mutating shopper route takes.
-IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
+# Checked by `check_key` (422 `idempotency.invalid_key`), the same way on every route.
+IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False)]
 
 
 class Outcome(msgspec.Struct, frozen=True):

@@ -7,6 +7,7 @@ aggregates them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -76,6 +77,8 @@ def configure_logging(level: str = "INFO") -> None:
 
 def _route_of(scope: Scope) -> str:
     handler = scope.get("route_handler")
+    if handler is None and "path_template" in scope:  # a route served outside Litestar's router
+        return scope["path_template"]
     paths = getattr(handler, "paths", None)
     if paths:
         # The route template, not the raw path: ids must not explode label cardinality.
@@ -83,7 +86,20 @@ def _route_of(scope: Scope) -> str:
     return "unmatched"
 
 
+@functools.lru_cache(maxsize=4096)
+def _request_counter(method: str, route: str, status: int):
+    # labels() looks the child up under a lock on every call: routes are few, keep the children.
+    return REQUESTS.labels(method, route, str(status))
+
+
+@functools.lru_cache(maxsize=4096)
+def _latency_histogram(method: str, route: str):
+    return LATENCY.labels(method, route)
+
+
 def observability_middleware(settings: Settings):
+    pool_sampled = [0.0]
+
     def middleware(app: ASGIApp) -> ASGIApp:
         async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
@@ -114,13 +130,16 @@ def observability_middleware(settings: Settings):
                 route = _route_of(scope)
                 method = scope.get("method", "")
                 if route != "/metrics":
-                    REQUESTS.labels(method, route, str(status)).inc()
-                    LATENCY.labels(method, route).observe(elapsed)
-                pool = getattr(scope["app"].state, "pool", None) if "app" in scope else None
-                if pool is not None:
-                    size = pool.get_size()
-                    POOL_SIZE.set(size)
-                    POOL_IN_USE.set(size - pool.get_idle_size())
+                    _request_counter(method, route, status).inc()
+                    _latency_histogram(method, route).observe(elapsed)
+                now = time.monotonic()
+                if now >= pool_sampled[0] + 1.0:  # a gauge, sampled at most once a second
+                    pool_sampled[0] = now
+                    pool = getattr(scope["app"].state, "pool", None) if "app" in scope else None
+                    if pool is not None:
+                        size = pool.get_size()
+                        POOL_SIZE.set(size)
+                        POOL_IN_USE.set(size - pool.get_idle_size())
                 if settings.log_requests:
                     log.info(
                         "request",

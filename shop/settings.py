@@ -61,6 +61,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Flash sales. The purchase token's HMAC key (empty: derived from the JWT signing key).
     flash_token_secret: str = ""
     flash_token_ttl: Annotated[int, msgspec.Meta(ge=10, le=86400)] = 1800
+    # The crowd routes (flash-sale buy, wheel draw) served straight from ASGI (shop/fastroute.py);
+    # false: by their Litestar routes.
+    fast_routes: bool = True
     # How long an API process answers "sold out" from memory before asking Redis again.
     flash_sold_out_seconds: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
     # Fault injection for tests: pause this long between the Lua reservation and the PostgreSQL

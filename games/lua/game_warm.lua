@@ -3,11 +3,18 @@
 -- KEYS[1] {game:G}:state  KEYS[2] {game:G}:users  KEYS[3] {game:G}:day:<today>  KEYS[4] {game:G}:stream
 -- ARGV[1] 'config': ARGV[2..] field/value pairs of rules (no counters, no stock); refused with
 --         {'cold'} when Redis holds no state (then the caller rebuilds).
--- ARGV[1] 'rebuild': ARGV[2] = S, then S values = state field/value pairs (rules and stock left
---         as PostgreSQL counts it); then the last stream id PostgreSQL holds, today's date, U then
---         U values = users hash pairs, D then D values = today's day hash pairs, the day hash TTL.
---         Stream entries after that id (draws not yet written) are applied on top, so a rebuild
---         during a live game never hands out a unit twice.
+-- ARGV[1] 'rebuild', then in this order, all from one PostgreSQL snapshot:
+--         S, then S values = state field/value pairs (rules, stock left, and r:<draw id> for
+--           each unit given back that the snapshot counts);
+--         the last stream id persisted before the snapshot; today's date;
+--         U, then U values = users hash pairs (draws, losing streaks, wins);
+--         D, then D values = today's day hash pairs (with grant:<id> for each grant counted);
+--         the day hash TTL;
+--         C, then C reservation ids of entries after that stream id the snapshot already holds.
+--         The other entries after that id (draws not in the snapshot) are applied on top, as the
+--         draw script applied them (stock, draws, losing streak, wins, today's chances), so a
+--         rebuild during a live game never hands out a unit twice, counts a draw twice or
+--         loses a shopper's streak towards the pity prize.
 -- Returns {'ok'} | {'cold'}
 
 if ARGV[1] == 'config' then
@@ -39,17 +46,22 @@ for i = at, at + d - 1, 2 do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 at = at + d
-local ttl = tonumber(ARGV[at])
+local ttl = tonumber(ARGV[at]); at = at + 1
+local c = tonumber(ARGV[at]); at = at + 1
+local counted = {}
+for i = at, at + c - 1 do
+  counted[ARGV[i]] = true
+end
 
 local start = last == '0-0' and '-' or '(' .. last
 local entries = redis.call('XRANGE', KEYS[4], start, '+')
 for _, entry in ipairs(entries) do
   local f = entry[2]
-  local uid, p
+  local rid, uid, p
   for i = 1, #f, 2 do
-    if f[i] == 'uid' then uid = f[i + 1] elseif f[i] == 'p' then p = f[i + 1] end
+    if f[i] == 'rid' then rid = f[i + 1] elseif f[i] == 'uid' then uid = f[i + 1] elseif f[i] == 'p' then p = f[i + 1] end
   end
-  if uid and p then
+  if uid and p and not counted[rid] then
     local e = cjson.decode(p)
     local pos = tostring(e.pos)
     local left = tonumber(redis.call('HGET', KEYS[1], 's:' .. pos) or '-1')
@@ -57,7 +69,10 @@ for _, entry in ipairs(entries) do
       redis.call('HINCRBY', KEYS[1], 's:' .. pos, -1)
     end
     redis.call('HINCRBY', KEYS[2], uid, 1)
-    if redis.call('HGET', KEYS[1], 'k:' .. pos) ~= 't' then
+    if redis.call('HGET', KEYS[1], 'k:' .. pos) == 't' then
+      redis.call('HINCRBY', KEYS[2], uid .. ':l', 1)
+    else
+      redis.call('HSET', KEYS[2], uid .. ':l', 0)
       redis.call('HINCRBY', KEYS[2], uid .. ':w:' .. pos, 1)
     end
     if e.d == today then

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import asyncpg
-import msgspec
 from litestar import Controller, Request, Response, get, post, put
 from litestar.params import Parameter
 
 from shop.auth import client_ip
 from shop.auth_tokens import AuthAdmin, AuthUser, admin_guard
 from shop.db import provide_conn
-from shop.errors import ShopError
 from shop.flash_sale import queries, service
 from shop.flash_sale.schemas import (
     FlashBuyIn,
@@ -24,19 +22,11 @@ from shop.flash_sale.schemas import (
     FlashTokenOut,
     ShopperFlashSales,
 )
-from shop.idempotency import check_key
+from shop.idempotency import IdempotencyKey, check_key
 from shop.orders.schemas import OrderOut
 from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
 
-IdempotencyKey = Annotated[str | None, Parameter(header="Idempotency-Key", required=False, max_length=128)]
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
-
-
-SOLD_OUT_BODY = msgspec.json.encode({"error": {"code": "flash_sale.sold_out", "message": "Sold out"}})
-
-
-def SOLD_OUT_RESPONSE() -> Response:
-    return Response(content=SOLD_OUT_BODY, status_code=409, media_type="application/json")
 
 
 class FlashSaleController(Controller):
@@ -63,32 +53,24 @@ class FlashSaleController(Controller):
         user: AuthUser,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[OrderOut]:
-        """Buy: refusals come from Redis (or this process's sold-out flag); a 201 means the order is stored."""
+        """Buy: refusals come from Redis (or this process's sold-out flag); a 201 means the order is stored.
+
+        Served as a fast route (shop/fastroute.py) unless `SHOP_FAST_ROUTES=false`.
+        """
         state = request.app.state
-        key = check_key(idempotency_key)
-        # The losing crowd's path: token checked, then this process's sold-out flag answers with
-        # prebuilt bytes (no exception machinery, no Redis, no PostgreSQL).
-        service.verify_token(state.settings, data.token, user.id, sale_id)
-        if key is None and service.sold_out_here(state, sale_id, item_id):
-            return SOLD_OUT_RESPONSE()
-        service.bind_app(state)
-        try:
-            bought = await service.buy(
-                state,
-                sale_id,
-                item_id,
-                user.id,
-                data,
-                client_ip(request, state.settings),
-                key,
-            )
-        except ShopError as exc:
-            if exc.code == "flash_sale.not_ready":
-                # Redis knows nothing of it: only a live event is "being restored".
-                await service.explain_cold(await provide_conn(request), sale_id, item_id)
-            raise
-        headers = {"Idempotent-Replayed": "true"} if bought.replayed else None
-        return Response(bought.order, status_code=201, headers=headers)
+        answer = await service.buy_call(
+            state,
+            sale_id,
+            item_id,
+            user.id,
+            data,
+            client_ip(request, state.settings),
+            check_key(idempotency_key),
+        )
+        if answer.body is not None:
+            return Response(content=answer.body, status_code=answer.status, media_type="application/json")
+        headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
+        return Response(answer.order, status_code=201, headers=headers)
 
 
 class AdminFlashSaleController(Controller):

@@ -9,7 +9,12 @@ import asyncpg
 SALE_FIELDS = """id, name, live_stream, starts_at, ends_at, pay_deadline_minutes, user_rate_limit,
     ip_rate_limit, status, published_at, stopped_at, settled_at, created_at"""
 
-ITEM_FIELDS = """i.id, i.flash_sale_id, i.sku_id, i.flash_price, i.quota, i.sold, i.per_user_limit,
+# Units of an item in orders not given back to the quota (before settlement): counted from the
+# rows, so a winners' batch writes no counter row that the next batch would queue behind.
+SOLD = """((select coalesce(sum(o.qty), 0) from flash_sale_orders o where o.item_id = i.id)
+          - (select coalesce(sum(r.qty), 0) from flash_sale_returns r where r.item_id = i.id))::int"""
+
+ITEM_FIELDS = f"""i.id, i.flash_sale_id, i.sku_id, i.flash_price, i.quota, {SOLD} as sold, i.per_user_limit,
     i.returned_to_stock, s.product_id, p.title, coalesce(p.image_urls[1], '') as image_url,
     coalesce(s.original_price, s.price) as original_price"""
 

@@ -30,7 +30,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from shop.db import snapshot
-from shop.errors import Conflict, Forbidden, NotFound, RateLimited, Unavailable, ValidationFailed
+from shop.errors import Conflict, Forbidden, NotFound, RateLimited, ShopError, Unavailable, ValidationFailed
 from shop.flash_sale import queries
 from shop.flash_sale.schemas import (
     FlashBuyIn,
@@ -393,8 +393,8 @@ async def update_sale(
                 redis_steps.append(("remove", sku_id, before["id"]))
             else:
                 updated = await conn.fetchval(
-                    """update flash_sale_items set flash_price = $2, quota = $3, per_user_limit = $4
-                       where id = $1 and sold <= $3 returning id""",
+                    f"""update flash_sale_items i set flash_price = $2, quota = $3, per_user_limit = $4
+                        where id = $1 and {queries.SOLD} <= $3 returning id""",
                     before["id"],
                     after.flash_price,
                     after.quota,
@@ -488,14 +488,28 @@ async def settle_sale(
         if row is None:
             return False
         items = await conn.fetch(
-            "select id, sku_id, quota, sold from flash_sale_items where flash_sale_id = $1 order by sku_id for update",
+            f"""select i.id, i.sku_id, i.quota, {queries.SOLD} as sold from flash_sale_items i
+                where flash_sale_id = $1 order by sku_id for update""",
             sale_id,
         )
         for item in items:
-            unsold = item["quota"] - item["sold"]
+            if item["sold"] > item["quota"]:  # cannot happen: Redis never sells past the quota
+                log.error(
+                    "flash sale %s item %s: %s sold of %s", sale_id, item["id"], item["sold"], item["quota"]
+                )
+            unsold = max(0, item["quota"] - item["sold"])
             await _move_stock(conn, sale_id, item["sku_id"], -unsold, admin_id)
+            # The units sold count as the SKU's and product's sales now, once (a return after
+            # this goes to SKU stock and takes its units off the sales, like any order's).
             await conn.execute(
-                "update flash_sale_items set returned_to_stock = $2 where id = $1", item["id"], unsold
+                """with i as (update flash_sale_items set returned_to_stock = $2, sales_counted = $3
+                              where id = $1 returning sku_id),
+                        s as (update skus set sales = sales + $3 from i where skus.id = i.sku_id
+                              returning skus.product_id)
+                   update products set sales = sales + $3 from s where products.id = s.product_id""",
+                item["id"],
+                unsold,
+                item["sold"],
             )
     return True
 
@@ -633,7 +647,7 @@ def token_key(settings: Settings) -> bytes:
 
 
 def _sign(key: bytes, user_id: int, sale_id: int, expires: int) -> str:
-    mac = hmac.new(key, f"{user_id}.{sale_id}.{expires}".encode(), hashlib.sha256).digest()[:18]
+    mac = hmac.digest(key, f"{user_id}.{sale_id}.{expires}".encode(), "sha256")[:18]
     return base64.urlsafe_b64encode(mac).decode()
 
 
@@ -720,6 +734,50 @@ class Bought:
     replayed: bool
 
 
+SOLD_OUT_BODY = msgspec.json.encode({"error": {"code": "flash_sale.sold_out", "message": "Sold out"}})
+
+
+@dataclass
+class Answer:
+    """What the buy call answers: the order (201), or prebuilt bytes (the sold-out crowd)."""
+
+    status: int = 201
+    body: bytes | None = None
+    order: OrderOut | None = None
+    replayed: bool = False
+
+
+SOLD_OUT = Answer(409, SOLD_OUT_BODY)
+
+
+async def buy_call(
+    state: Any,
+    sale_id: int,
+    item_id: int,
+    user_id: int,
+    body: FlashBuyIn,
+    ip: str,
+    idempotency_key: str | None,
+) -> Answer:
+    """The buy call after auth and validation (shared by the Litestar route and the ASGI fast path)."""
+    verify_token(state.settings, body.token, user_id, sale_id)
+    # The losing crowd's path: this process's sold-out flag answers with prebuilt bytes (no
+    # exception machinery, no Redis, no PostgreSQL). A retry carrying an Idempotency-Key may be
+    # the replay of a winner: it asks Redis.
+    if idempotency_key is None and sold_out_here(state, sale_id, item_id):
+        return SOLD_OUT
+    bind_app(state)
+    try:
+        bought = await buy(state, sale_id, item_id, user_id, body, ip, idempotency_key)
+    except ShopError as exc:
+        if exc.code == "flash_sale.not_ready":
+            # Redis knows nothing of it: only a live event is "being restored".
+            async with state.pool.acquire() as conn:
+                await explain_cold(conn, sale_id, item_id)
+        raise
+    return Answer(order=bought.order, replayed=bought.replayed)
+
+
 def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
     """This process saw the item sold out less than `flash_sold_out_seconds` ago."""
     flags = getattr(state, "flash_sold_out", None)
@@ -742,13 +800,10 @@ async def buy(
     ip: str,
     idempotency_key: str | None,
 ) -> Bought:
-    """One purchase attempt. Losers never touch PostgreSQL; a winner's order is committed before this returns."""
+    """One purchase attempt (token checked). Losers never touch PostgreSQL; a winner's order is
+    committed before this returns."""
     settings: Settings = state.settings
-    verify_token(settings, body.token, user_id, sale_id)
     flags = _sold_out_flags(state)
-    # A retry carrying an Idempotency-Key may be the replay of a winner: it asks Redis.
-    if idempotency_key is None and flags.get((sale_id, item_id), 0.0) > time.monotonic():
-        raise Conflict("Sold out", code="flash_sale.sold_out")
     await _check_address(state, user_id, body.address_id)
     keys: Keys = state.redis_keys
     hotpath: HotPath = _hotpath(state)
@@ -881,81 +936,74 @@ def _hotpath(state: Any) -> HotPath:
 # ---------------------------------------------------------------- persisting winners
 
 
-# A reservation already written (same id), or a second reservation with an Idempotency-Key that
-# already has an order (Redis forgot the key), is skipped: both conflicts end in "do nothing".
-PERSIST_LINKS = """
-insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at,
-    idempotency_key, address_id)
-select e.rid, nextval(pg_get_serial_sequence('orders', 'id')), i.flash_sale_id, e.item_id, e.uid, e.qty,
-       to_timestamp(e.ms / 1000.0), nullif(e.k, ''), e.address_id
-from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::text[], $7::bigint[])
-     as e (rid, uid, item_id, qty, ms, k, address_id)
-join flash_sale_items i on i.id = e.item_id
-order by e.rid
-on conflict do nothing
-returning reservation_id, order_id, item_id, user_id, qty, reserved_at, address_id"""
-
+# One statement per batch of winners (one round trip, one plan): the links, the orders, their
+# lines and the `order.created` events, each a data-modifying CTE over the same input (a flash
+# order has one line). No counter row is updated: an item's sold units are counted from the rows. A reservation already written (same id), or a second reservation with an
+# Idempotency-Key that already has an order (Redis forgot the key), is skipped: both conflicts
+# end in "do nothing", and the CTEs below build only on the rows `links` inserted.
 ADDRESS_SNAPSHOT = """(select to_jsonb(a) from (select receiver, phone, province, city, district, detail, postal_code
-                      from addresses where user_id = n.uid
+                      from addresses where user_id = n.user_id
                       order by (id = n.address_id) desc, is_default desc, id limit 1) a)"""
 
-PERSIST_ORDERS = f"""
-insert into orders (id, order_no, user_id, kind, activity_id, items_amount, discount_amount,
-    shipping_fee, payable_amount, address, pay_deadline)
-overriding system value
-select n.id,
-       to_char(now() at time zone $6, 'YYYYMMDDHH24MISS')
-           || lpad((nextval('business_no_seq') % 1000000)::text, 6, '0') || floor(random() * 10)::int::text,
-       n.uid, 'flash_sale', i.flash_sale_id, i.flash_price * n.qty, 0, fee.amount,
-       i.flash_price * n.qty + fee.amount,
-       {ADDRESS_SNAPSHOT},
-       n.reserved_at + make_interval(mins => f.pay_deadline_minutes)
-from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[], $5::timestamptz[], $7::bigint[])
-     as n (id, uid, item_id, qty, reserved_at, address_id)
-join flash_sale_items i on i.id = n.item_id
-join flash_sales f on f.id = i.flash_sale_id
-left join shipping_rule r on r.id = 1
-cross join lateral (select case when r.id is null then 0
-                                when r.free_threshold is not null and i.flash_price * n.qty >= r.free_threshold then 0
-                                else r.flat_fee end as amount) fee
-order by n.id
-returning {ORDER_FIELDS}"""
+_ORDER_COLUMNS = [c.strip() for c in ORDER_FIELDS.split(",")]
+_LINE_COLUMNS = list(OrderLineOut.__struct_fields__)
+PERSIST = f"""
+with links as (
+    insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at,
+        idempotency_key, address_id)
+    select e.rid, nextval(pg_get_serial_sequence('orders', 'id')), i.flash_sale_id, e.item_id, e.uid, e.qty,
+           to_timestamp(e.ms / 1000.0), nullif(e.k, ''), e.address_id
+    from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::text[], $7::bigint[])
+         as e (rid, uid, item_id, qty, ms, k, address_id)
+    join flash_sale_items i on i.id = e.item_id
+    order by e.rid
+    on conflict do nothing
+    returning reservation_id, order_id, item_id, user_id, qty, reserved_at, address_id
+), n as (
+    select l.*, i.flash_sale_id, i.flash_price, i.flash_price * l.qty as amount, i.sku_id, f.pay_deadline_minutes
+    from links l join flash_sale_items i on i.id = l.item_id join flash_sales f on f.id = i.flash_sale_id
+), o as (
+    insert into orders (id, order_no, user_id, kind, activity_id, items_amount, discount_amount,
+        shipping_fee, payable_amount, address, pay_deadline)
+    overriding system value
+    select n.order_id,
+           to_char(now() at time zone $8, 'YYYYMMDDHH24MISS')
+               || lpad((nextval('business_no_seq') % 1000000)::text, 6, '0') || floor(random() * 10)::int::text,
+           n.user_id, 'flash_sale', n.flash_sale_id, n.amount, 0, fee.amount, n.amount + fee.amount,
+           {ADDRESS_SNAPSHOT},
+           n.reserved_at + make_interval(mins => n.pay_deadline_minutes)
+    from n
+    left join shipping_rule r on r.id = 1
+    cross join lateral (select case when r.id is null then 0
+                                    when r.free_threshold is not null and n.amount >= r.free_threshold then 0
+                                    else r.flat_fee end as amount) fee
+    order by n.order_id
+    returning {ORDER_FIELDS}
+), l as (
+    insert into order_lines (order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
+        discount_amount, payable_amount)
+    select n.order_id, s.id, p.id, p.title, s.specs, coalesce(p.image_urls[1], ''), n.flash_price, n.qty,
+           n.amount, 0, n.amount
+    from n join skus s on s.id = n.sku_id join products p on p.id = s.product_id
+    order by n.order_id
+    returning id, order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
+        discount_amount, payable_amount, refunded_qty, refunded_amount
+), ev as (
+    insert into order_events (order_id, type, payload)
+    select o.id, 'order.created', jsonb_build_object('kind', 'flash_sale', 'payable_amount', o.payable_amount)
+    from o
+)
+select o.*, links.reservation_id, {", ".join(f"l.{c} as line_{c}" for c in _LINE_COLUMNS)}
+from o join links on links.order_id = o.id join l on l.order_id = o.id"""
 
-PERSIST_LINES = """
-insert into order_lines (order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
-    discount_amount, payable_amount)
-select n.id, s.id, p.id, p.title, s.specs, coalesce(p.image_urls[1], ''), i.flash_price, n.qty,
-       i.flash_price * n.qty, 0, i.flash_price * n.qty
-from unnest($1::bigint[], $2::bigint[], $3::int[]) as n (id, item_id, qty)
-join flash_sale_items i on i.id = n.item_id
-join skus s on s.id = i.sku_id
-join products p on p.id = s.product_id
-order by n.id
-returning id, order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
-    discount_amount, payable_amount, refunded_qty, refunded_amount"""
 
-# sold, then the SKU's and product's sales, in that lock order (a returner takes the same).
-COUNT_SOLD = """
-with i as (update flash_sale_items set sold = sold + $2 where id = $1 returning sku_id),
-     s as (update skus set sales = sales + $2 from i where skus.id = i.sku_id returning skus.product_id)
-update products set sales = sales + $2 from s where products.id = s.product_id"""
-
-PERSIST_EVENTS = """
-insert into order_events (order_id, type, payload)
-select u.id, 'order.created', jsonb_build_object('kind', 'flash_sale', 'payable_amount', u.payable)
-from unnest($1::bigint[], $2::int[]) as u (id, payable)"""
-
-
-@register_persister(KIND)
+@register_persister(KIND, single_statement=True)
 async def persist_flash_orders(
     conn: asyncpg.Connection, entries: Sequence[Reservation]
 ) -> dict[str, OrderOut]:
-    """Many winners' orders in a few statements; a reservation already written is skipped.
-
-    Returns the new orders by reservation id (the API answers with them without reading back).
-    """
-    links = await conn.fetch(
-        PERSIST_LINKS,
+    """Many winners' orders in one statement; a reservation already written is skipped. Returns the new orders by reservation id (the API answers with them without reading back)."""
+    rows = await conn.fetch(
+        PERSIST,
         [e.id for e in entries],
         [e.user_id for e in entries],
         [e.payload["i"] for e in entries],
@@ -963,40 +1011,18 @@ async def persist_flash_orders(
         [e.payload["at"] for e in entries],
         [e.payload.get("k", "") for e in entries],
         [e.payload.get("a") for e in entries],
+        _TIMEZONE["name"],
     )
-    if not links:
+    if not rows:
         return {}
-    tz = _TIMEZONE["name"]
-    orders = await conn.fetch(
-        PERSIST_ORDERS,
-        [r["order_id"] for r in links],
-        [r["user_id"] for r in links],
-        [r["item_id"] for r in links],
-        [r["qty"] for r in links],
-        [r["reserved_at"] for r in links],
-        tz,
-        [r["address_id"] or 0 for r in links],
-    )
-    lines = await conn.fetch(
-        PERSIST_LINES,
-        [r["order_id"] for r in links],
-        [r["item_id"] for r in links],
-        [r["qty"] for r in links],
-    )
-    per_item: dict[int, int] = {}
-    for r in links:
-        per_item[r["item_id"]] = per_item.get(r["item_id"], 0) + r["qty"]
-    for item_id in sorted(per_item):
-        await conn.execute(COUNT_SOLD, item_id, per_item[item_id])
-    await conn.execute(PERSIST_EVENTS, [o["id"] for o in orders], [o["payable_amount"] for o in orders])
-    lines_by_order: dict[int, list[OrderLineOut]] = {}
-    for line in lines:
-        d = dict(line)
-        lines_by_order.setdefault(d.pop("order_id"), []).append(OrderLineOut(**d))
-    by_id = {
-        o["id"]: OrderOut(**dict(o), lines=lines_by_order.get(o["id"], []), shipments=[]) for o in orders
+    return {
+        row["reservation_id"]: OrderOut(
+            **{f: row[f] for f in _ORDER_COLUMNS},
+            lines=[OrderLineOut(**{f: row[f"line_{f}"] for f in _LINE_COLUMNS})],
+            shipments=[],
+        )
+        for row in rows
     }
-    return {r["reservation_id"]: by_id[r["order_id"]] for r in links}
 
 
 # The store's time zone for order numbers: the persister gets only a connection, so the API and
@@ -1030,7 +1056,9 @@ def bind_runtime(
 
 
 def bind_app(state: Any) -> None:
-    bind_runtime(state.pool, state.redis, state.scripts, state.redis_keys, state.settings)
+    current = _runtime.get("current")
+    if current is None or current.pool is not state.pool or current.redis is not state.redis:
+        bind_runtime(state.pool, state.redis, state.scripts, state.redis_keys, state.settings)
 
 
 async def return_flash_units(
@@ -1045,13 +1073,9 @@ async def return_flash_units(
     returned = []
     for sku_id, qty in sorted(units):
         row = await conn.fetchrow(
-            """with i as (update flash_sale_items set sold = sold - $3
-                          where flash_sale_id = $1 and sku_id = $2 returning id, sku_id),
-                    s as (update skus set sales = greatest(sales - $3, 0) from i where skus.id = i.sku_id
-                          returning skus.product_id),
-                    p as (update products set sales = greatest(sales - $3, 0) from s where products.id = s.product_id)
-               insert into flash_sale_returns (order_id, flash_sale_id, item_id, user_id, qty)
-               select $4, $1, i.id, $5, $3 from i returning id, item_id""",
+            """insert into flash_sale_returns (order_id, flash_sale_id, item_id, user_id, qty)
+               select $4, $1, i.id, $5, $3 from flash_sale_items i where flash_sale_id = $1 and sku_id = $2
+               returning id, item_id""",
             sale_id,
             sku_id,
             qty,

@@ -15,21 +15,37 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
-from shop.hotpath.streams import PERSISTERS, Persist, Reservation
+from shop.hotpath.streams import PERSISTERS, SINGLE_STATEMENT, Persist, Reservation
 
 
 class GroupCommitter:
-    """Coalesces concurrent `write` calls of one kind into one transaction each window."""
+    """Coalesces concurrent `write` calls of one kind into one transaction per batch.
+
+    Adaptive: at most `max_inflight` batches are being written at once; whatever arrives
+    meanwhile waits and goes as the next batch the moment one finishes. Under a crowd the
+    batches grow by themselves (fewer, larger transactions: less PostgreSQL work per row and
+    fewer commits to flush), and when it is quiet a lone write waits at most `max_wait`.
+    `single_statement`: the persister runs one statement, atomic by itself, so no BEGIN/COMMIT.
+    """
 
     def __init__(
-        self, pool: asyncpg.Pool, persist: Persist, *, max_batch: int = 100, max_wait: float = 0.002
+        self,
+        pool: asyncpg.Pool,
+        persist: Persist,
+        *,
+        max_batch: int = 100,
+        max_wait: float = 0.002,
+        max_inflight: int = 2,
+        single_statement: bool = False,
     ):
         self.pool = pool
         self.persist = persist
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.max_inflight = max_inflight
+        self.single_statement = single_statement
         self._waiting: list[tuple[Reservation, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
@@ -45,7 +61,7 @@ class GroupCommitter:
         self._waiting.append((reservation, future))
         if len(self._waiting) >= self.max_batch:
             self._flush_now()
-        elif self._timer is None:
+        elif self._timer is None and len(self._flushes) < self.max_inflight:
             self._timer = loop.call_later(self.max_wait, self._flush_now)
         # A request that goes away does not cancel the batch its row belongs to.
         return await asyncio.shield(future)
@@ -54,16 +70,26 @@ class GroupCommitter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._waiting = self._waiting, []
-        if batch:
+        # With every slot busy, the waiting rows go when a batch in flight finishes (_finished).
+        while self._waiting and len(self._flushes) < self.max_inflight:
+            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
             task = asyncio.get_running_loop().create_task(self._flush(batch))
             self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._flushes.discard(task)
+        if self._waiting:
+            self._flush_now()
 
     async def _flush(self, batch: list[tuple[Reservation, asyncio.Future]]) -> None:
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                results = await self.persist(conn, [reservation for reservation, _ in batch])
+            async with self.pool.acquire() as conn:
+                if self.single_statement:
+                    results = await self.persist(conn, [reservation for reservation, _ in batch])
+                else:
+                    async with conn.transaction():
+                        results = await self.persist(conn, [reservation for reservation, _ in batch])
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
@@ -82,8 +108,10 @@ class GroupCommitter:
 class ScriptPipeliner:
     """Sends the script calls made in one event-loop turn as one pipeline: one connection, one round trip.
 
-    Python, not Redis, is the limit on this path (PERFORMANCE.md); a crowd of concurrent claims
-    also stays within the client's connection pool instead of opening a connection each.
+    Python, not Redis, is the limit on this path (PERFORMANCE.md): the calls are
+    packed and written straight on connections this object keeps (redis-py's Pipeline and pool
+    bookkeeping cost more per call than the script itself), and a crowd of concurrent calls stays
+    on a handful of connections instead of opening one each.
     """
 
     def __init__(self, redis: aioredis.Redis, *, max_batch: int = 128) -> None:
@@ -92,6 +120,7 @@ class ScriptPipeliner:
         self._waiting: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task] = set()
+        self._idle: list[Any] = []  # connected redis.asyncio.Connection objects, ours alone
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -101,6 +130,11 @@ class ScriptPipeliner:
             self._scheduled = True
             loop.call_soon(self._flush_now)
         return await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
 
     def _flush_now(self) -> None:
         self._scheduled = False
@@ -112,12 +146,39 @@ class ScriptPipeliner:
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
+    async def _roundtrip(self, batch: list) -> list[Any]:
+        """Every call of the batch on one connection; each reply, or the error Redis answered."""
+        reused = bool(self._idle)
+        conn = self._idle.pop() if reused else self.redis.connection_pool.make_connection()
+        packed = conn.pack_commands(
+            [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
+        )
+        try:
+            try:
+                await conn.send_packed_command(packed, check_health=False)
+            except (ConnectionError, OSError):
+                if not reused:
+                    raise
+                # A kept connection the server closed (a restart): nothing was run, so the
+                # batch goes once more on a new connection.
+                await conn.disconnect()
+                conn = self.redis.connection_pool.make_connection()
+                await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        self._idle.append(conn)
+        return replies
+
     async def _flush(self, batch: list) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._roundtrip(batch)
         except Exception as exc:
             for *_, future in batch:
                 if not future.done():
@@ -140,17 +201,23 @@ class ScriptPipeliner:
 
 
 class HotPath:
-    """Per API process: the script pipeliner and one group committer per kind, over the app's pool."""
+    """Per API process: the script pipeliner and one group committer per kind.
+
+    `pool` is the app's pool (for the callers' own reads); the committers write over `write_pool`
+    (the app's hot-path pool: shop.db.create_hot_pool), or over `pool` when there is none.
+    """
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         redis: aioredis.Redis | None = None,
         *,
+        write_pool: asyncpg.Pool | None = None,
         max_batch: int = 100,
         max_wait: float = 0.002,
     ) -> None:
         self.pool = pool
+        self.write_pool = write_pool or pool
         self.max_batch = max_batch
         self.max_wait = max_wait
         self._committers: dict[str, GroupCommitter] = {}
@@ -161,7 +228,11 @@ class HotPath:
         committer = self._committers.get(kind)
         if committer is None:
             committer = self._committers[kind] = GroupCommitter(
-                self.pool, PERSISTERS[kind], max_batch=self.max_batch, max_wait=self.max_wait
+                self.write_pool,
+                PERSISTERS[kind],
+                max_batch=self.max_batch,
+                max_wait=self.max_wait,
+                single_statement=kind in SINGLE_STATEMENT,
             )
         return committer
 
@@ -177,6 +248,11 @@ class HotPath:
             reply = await script(keys=keys, args=args)
         return list(reply) if isinstance(reply, list | tuple) else [reply]
 
+    async def aclose(self) -> None:
+        """The pipeliner's own Redis connections closed (the app's lifespan, at shutdown)."""
+        if self._pipeliner is not None:
+            await self._pipeliner.aclose()
+
     async def commit(self, kind: str, reservation: Reservation) -> Any:
         """Write the reservation's row (group-committed); returns once it is committed, with the
         persister's result for it, if it gives one."""
@@ -184,9 +260,10 @@ class HotPath:
 
 
 def hotpath_of(state: Any) -> HotPath:
-    """The app's HotPath, made on first use (bound to the app's current pool)."""
+    """The app's HotPath, made on first use (bound to the app's current pools)."""
+    write_pool = getattr(state, "hot_pool", None) or state.pool
     hotpath = getattr(state, "hotpath", None)
-    if hotpath is None or hotpath.pool is not state.pool:
-        hotpath = HotPath(state.pool, state.redis)
+    if hotpath is None or hotpath.pool is not state.pool or hotpath.write_pool is not write_pool:
+        hotpath = HotPath(state.pool, state.redis, write_pool=write_pool)
         state.hotpath = hotpath
     return hotpath

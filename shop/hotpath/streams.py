@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -49,13 +50,23 @@ Persist = Callable[[asyncpg.Connection, Sequence[Reservation]], Awaitable[None]]
 PERSISTERS: dict[str, Persist] = {}
 
 
-def register_persister(kind: str) -> Callable[[Persist], Persist]:
-    """Register the function that writes reservations of `kind` (must be idempotent per reservation id)."""
+# Kinds whose persister runs one SQL statement (atomic by itself): written without BEGIN/COMMIT.
+SINGLE_STATEMENT: set[str] = set()
+
+
+def register_persister(kind: str, *, single_statement: bool = False) -> Callable[[Persist], Persist]:
+    """Register the function that writes reservations of `kind` (must be idempotent per reservation id).
+
+    `single_statement`: the function runs exactly one statement, so the group committer need not
+    wrap it in a transaction (two round trips fewer per batch).
+    """
 
     def register(func: Persist) -> Persist:
         if kind in PERSISTERS and PERSISTERS[kind] is not func:
             raise RuntimeError(f"two persisters for {kind}")
         PERSISTERS[kind] = func
+        if single_statement:
+            SINGLE_STATEMENT.add(kind)
         return func
 
     return register
@@ -67,7 +78,7 @@ def new_reservation_id() -> str:
 
 
 def encode_payload(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"))
+    return msgspec.json.encode(payload).decode()
 
 
 def parse_entry(fields: dict[str, str]) -> Reservation:

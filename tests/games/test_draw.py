@@ -296,7 +296,8 @@ async def test_goods_are_claimed_with_an_address_as_a_zero_price_prize_order(
     order = r.json()
     assert order["kind"] == "prize" and order["status"] == "paid" and order["payable_amount"] == 0
     assert order["address"]["receiver"] == "张三" and order["lines"][0]["sku_id"] == sku
-    assert await db.fetchval("select stock from skus where id = $1", sku) == 4
+    # Both units left SKU stock at activation; the claim consumed one of them, not a third.
+    assert await db.fetchval("select stock from skus where id = $1", sku) == 3
     r = await client.post(claim, json={"address_id": address}, headers=headers)
     assert r.status_code == 409 and code_of(r) == "game.prize_not_claimable"
 
@@ -306,8 +307,8 @@ async def test_goods_are_claimed_with_an_address_as_a_zero_price_prize_order(
     await db.execute(
         "update prize_deliveries set claim_deadline = now() - interval '1 second' where id = $1", second
     )
-    assert await expire_unclaimed_goods(app.state.pool, app.state.redis, keys) == 1
-    assert await expire_unclaimed_goods(app.state.pool, app.state.redis, keys) == 0
+    assert await expire_unclaimed_goods(app.state.pool, app.state.scripts, keys) == 1
+    assert await expire_unclaimed_goods(app.state.pool, app.state.scripts, keys) == 0
     assert await app.state.redis.hget(keys.game_state(game["id"]), "s:0") == "1"
     r = await client.post(
         f"/api/v1/games/prizes/{second}/claim", json={"address_id": address}, headers=headers
@@ -325,6 +326,11 @@ async def test_paid_orders_and_merchant_tasks_grant_extra_chances_within_the_dai
     user_id = await db.fetchval("select user_id from orders where id = $1", order_id)
     await dispatch_order_events(app.state.pool, ctx_of(app))
     assert await db.fetchval("select sum(amount) from game_chance_grants where user_id = $1", user_id) == 1
+    # Granted in the event's transaction; Redis is told after its commit, by the worker.
+    assert (
+        await engine.restore_pending(app.state.pool, app.state.scripts, Keys(app.state.settings.redis_prefix))
+        == 1
+    )
     r = await client.post(
         f"{ADMIN}/{game['id']}/chances",
         json={"user_id": user_id, "amount": 5, "ref": "invite:42"},
@@ -364,10 +370,10 @@ async def test_invited_shoppers_who_log_in_give_their_inviter_chances_once(
     )
     state, keys = app.state, Keys(settings.redis_prefix)
     runs = await asyncio.gather(
-        *(engine.grant_invite_chances(state.pool, state.redis, keys, settings) for _ in range(3))
+        *(engine.grant_invite_chances(state.pool, state.scripts, keys, settings) for _ in range(3))
     )
     assert sum(runs) == 2  # three invitees, a daily cap of two
-    assert await engine.grant_invite_chances(state.pool, state.redis, keys, settings) == 0
+    assert await engine.grant_invite_chances(state.pool, state.scripts, keys, settings) == 0
     rows = await db.fetch("select amount from game_chance_grants where source = 'invite' order by ref")
     assert sorted(r["amount"] for r in rows) == [0, 1, 1]
     results = [await draw(client, headers, game["id"]) for _ in range(3)]
@@ -411,3 +417,53 @@ async def test_a_paid_draw_is_replayed_from_postgres_after_redis_forgets_the_key
     assert again.json()["draw_no"] == first.json()["draw_no"]
     assert await db.fetchval("select count(*) from game_draws where user_id = $1", user_id) == 1
     assert await db.fetchval("select balance from points_accounts where user_id = $1", user_id) == 5
+
+
+async def test_the_fast_route_and_the_litestar_route_answer_alike(
+    client, app, db, settings, make_user, admin_headers
+):
+    """The wheel draw served from ASGI (default) and by Litestar (SHOP_FAST_ROUTES=false): same
+    statuses, codes, detail fields and headers."""
+    import msgspec
+
+    async def scenarios(fast: bool) -> list:
+        app.state.settings = msgspec.structs.replace(settings, fast_routes=fast)
+        _, headers = await make_user()
+        game = await make_game(
+            client, admin_headers, prizes=ONLY_POINTS, free_per_day=2, out_of_stock="redistribute"
+        )
+        path = f"/api/v1/games/{game['id']}/draw"
+        requests = [
+            {},  # no bearer token
+            {"headers": headers, "content": b"{oops", "extra": {"content-type": "application/json"}},
+            {"headers": headers, "json": {"prize": 0}},  # the client cannot choose
+            {"headers": headers, "json": {"pay_with_points": "yes"}},
+            {"headers": {**headers, "Idempotency-Key": "x" * 200}},
+            {"headers": {**headers, "Idempotency-Key": "spin"}},  # no body: a free draw
+            {"headers": {**headers, "Idempotency-Key": "spin"}, "json": {}},  # the replay
+            {"headers": headers, "json": {"pay_with_points": False}},
+            {"headers": headers},  # no chances left today
+            {"headers": headers, "json": {"pay_with_points": True}},  # no points
+        ]
+        seen = []
+        for spec in requests:
+            h = {**spec.get("headers", {}), **spec.get("extra", {})}
+            kwargs = {k: spec[k] for k in ("json", "content") if k in spec}
+            r = await client.post(path, headers=h, **kwargs)
+            body = r.json()
+            seen.append(
+                (
+                    r.status_code,
+                    body["error"]["code"] if "error" in body else body["prize"]["kind"],
+                    [d["field"] for d in body["error"].get("details", [])] if "error" in body else [],
+                    r.headers.get("idempotent-replayed"),
+                    bool(r.headers.get("x-request-id")),
+                )
+            )
+        return seen
+
+    fast, routed = await scenarios(True), await scenarios(False)
+    app.state.settings = settings
+    assert fast == routed
+    assert [s[0] for s in fast] == [401, 422, 422, 422, 422, 201, 201, 201, 409, 409]
+    assert fast[2][2] == ["prize"] and fast[3][2] == ["pay_with_points"] and fast[6][3] == "true"

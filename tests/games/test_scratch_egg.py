@@ -71,9 +71,9 @@ async def test_an_unscratched_card_expires_and_returns_its_stock_once(
     await db.execute(
         "update game_draws set expires_at = now() - interval '1 second' where draw_no = $1", cards[0]
     )
-    results = await asyncio.gather(*(expire_cards(app.state.pool, redis, keys) for _ in range(4)))
+    results = await asyncio.gather(*(expire_cards(app.state.pool, app.state.scripts, keys) for _ in range(4)))
     assert sum(results) == 1
-    assert await expire_cards(app.state.pool, redis, keys) == 0
+    assert await expire_cards(app.state.pool, app.state.scripts, keys) == 0
     assert await redis.hget(keys.game_state(game["id"]), "s:0") == "4"
     r = await scratch(client, headers, cards[0])
     assert r.status_code == 409 and code_of(r) == "game.card_expired"

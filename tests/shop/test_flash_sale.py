@@ -96,8 +96,9 @@ async def redis_item(app, sale: dict, item: int = 0) -> tuple[int, dict[int, int
 
 async def db_item(db, sale: dict, item: int = 0) -> tuple[int, dict[int, int]]:
     item_id = sale["items"][item]["id"]
-    row = await db.fetchrow("select quota, sold from flash_sale_items where id = $1", item_id)
-    from shop.flash_sale.queries import bought_counts
+    from shop.flash_sale.queries import SOLD, bought_counts
+
+    row = await db.fetchrow(f"select quota, {SOLD} as sold from flash_sale_items i where id = $1", item_id)
 
     return row["quota"] - row["sold"], await bought_counts(db, item_id)
 
@@ -437,3 +438,60 @@ async def test_shopper_list_and_merchant_stats(client, app, db, settings, admin_
     assert stats["items"][0]["paid_units"] == 2
     r = await client.get(f"{ADMIN}/999999/stats", headers=admin_headers)
     assert r.status_code == 404
+
+
+async def test_fast_path_and_the_litestar_route_answer_alike(client, app, db, settings, admin_headers):
+    """The buy call served from ASGI (default) and by Litestar (SHOP_FLASH_FAST_PATH=false): same
+    statuses, codes, detail fields and headers for every kind of request."""
+    import msgspec
+
+    async def scenarios(fast: bool) -> list:
+        app.state.settings = msgspec.structs.replace(settings, fast_routes=fast)
+        sale = await make_sale(client, admin_headers, db, quota=5, per_user_limit=1, user_rate_limit=2)
+        shopper, other = await buyers(db, settings, 2, sale["id"])
+        path = f"{SHOP}/{sale['id']}/items/{sale['items'][0]['id']}/orders"
+        good = {"qty": 1, "address_id": shopper["address_id"], "token": shopper["token"]}
+        auth = shopper["headers"]
+        requests = [
+            ({"json": good}, {}),  # no bearer token
+            ({"content": b"{not json", "headers": {**auth, "content-type": "application/json"}}, {}),
+            ({"json": {**good, "coupon_id": 1}, "headers": auth}, {}),
+            ({"json": {**good, "qty": 0}, "headers": auth}, {}),
+            ({"json": {"qty": 1, "token": shopper["token"]}, "headers": auth}, {}),
+            ({"json": {**good, "token": other["token"]}, "headers": auth}, {}),
+            ({"json": good, "headers": {**auth, "Idempotency-Key": "bad key"}}, {}),
+            ({"json": good, "headers": {**auth, "Idempotency-Key": "same"}}, {"order": True}),
+            ({"json": good, "headers": {**auth, "Idempotency-Key": "same"}}, {"order": True}),
+            ({"json": good, "headers": auth}, {}),  # over the per-shopper limit
+            ({"json": good, "headers": auth}, {}),  # the 3rd attempt this second: rate limited
+        ]
+        seen = []
+        for kwargs, expect in requests:
+            r = await client.post(path, **kwargs)
+            body = r.json()
+            seen.append(
+                (
+                    r.status_code,
+                    body["error"]["code"] if "error" in body else body["kind"],
+                    [d["field"] for d in body["error"].get("details", [])] if "error" in body else [],
+                    "retry-after" in r.headers,
+                    r.headers.get("idempotent-replayed"),
+                    r.headers["content-type"].startswith("application/json"),
+                    bool(r.headers.get("x-request-id")),
+                )
+            )
+            if expect.get("order"):
+                assert await db.fetchval("select count(*) from orders where id = $1", body["id"]) == 1
+        return seen
+
+    fast, routed = await scenarios(True), await scenarios(False)
+    assert fast == routed
+    assert [s[0] for s in fast] == [401, 422, 422, 422, 422, 403, 422, 201, 201, 409, 429]
+    assert fast[3][2] == ["qty"] and fast[4][2] == ["address_id"]
+    assert fast[8][4] == "true" and fast[10][3] is True
+    assert all(s[5] and s[6] for s in fast)
+    app.state.settings = settings
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    r = await buy(client, shopper, sale, padding="x" * 5000)
+    assert r.status_code == 413 and code_of(r) == "payload_too_large"

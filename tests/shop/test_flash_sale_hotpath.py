@@ -15,6 +15,7 @@ import pytest
 
 from shop.flash_sale import service
 from shop.flash_sale.jobs import restore_flash_returns, settle_flash_sales
+from shop.flash_sale.queries import SOLD
 from shop.hotpath import encode_payload, new_reservation_id
 from shop.hotpath.jobs import persist_all_streams
 from shop.keys import Keys
@@ -44,7 +45,7 @@ async def assert_consistent(app, db, sale: dict) -> None:
            join orders o on o.id = f.order_id where f.item_id = $1 and o.status <> 'cancelled'""",
         item_id,
     )
-    assert live_units == await db.fetchval("select sold from flash_sale_items where id = $1", item_id)
+    assert live_units == await db.fetchval(f"select {SOLD} from flash_sale_items i where id = $1", item_id)
 
 
 async def test_ten_thousand_shoppers_for_a_hundred_units(client, app, db, settings, admin_headers):
@@ -276,6 +277,14 @@ async def test_settlement_returns_unsold_units_to_stock_exactly_once(
         assert (await buy(client, s, sale)).status_code == 201
     sku_id = sale["items"][0]["sku_id"]
     assert await stock_of(db, sku_id) == 40
+    sales = "select s.sales, p.sales from skus s join products p on p.id = s.product_id where s.id = $1"
+    # One order cancelled before the end: its unit goes back to the event, not to SKU stock.
+    r = await client.post(
+        f"/api/v1/orders/{(await db.fetchval('select min(order_id) from flash_sale_orders'))}/cancel",
+        headers=shoppers[0]["headers"],
+    )
+    assert r.status_code == 200, r.text
+    assert tuple(await db.fetchrow(sales, sku_id)) == (0, 0)  # counted at settlement, not per batch
     ctx = ctx_of(app)
     assert await settle_flash_sales(ctx) == 0  # not over yet
     await db.execute(
@@ -283,19 +292,21 @@ async def test_settlement_returns_unsold_units_to_stock_exactly_once(
     )
     done = await asyncio.gather(*(settle_flash_sales(ctx) for _ in range(4)))
     assert sum(done) == 1
-    assert await stock_of(db, sku_id) == 47
+    assert await stock_of(db, sku_id) == 48
     row = await db.fetchrow("select status, settled_at from flash_sales")
     assert row["status"] == "settled" and row["settled_at"] is not None
-    assert await db.fetchval("select returned_to_stock from flash_sale_items") == 7
+    assert await db.fetchval("select returned_to_stock from flash_sale_items") == 8
+    assert tuple(await db.fetchrow(sales, sku_id)) == (2, 2)  # the two units still in orders
     r = await buy(client, shoppers[0], sale)
     assert r.status_code == 409 and code_of(r) == "flash_sale.ended"
     # An order that times out after settlement gives its unit to SKU stock, not to the closed event.
     await db.execute("update orders set pay_deadline = now() - interval '1 second'")
-    assert await cancel_expired_orders(app.state.pool) == 3
+    assert await cancel_expired_orders(app.state.pool) == 2
     assert await stock_of(db, sku_id) == 50
-    assert await db.fetchval("select count(*) from flash_sale_returns") == 0
+    assert tuple(await db.fetchrow(sales, sku_id)) == (0, 0)
+    assert await db.fetchval("select count(*) from flash_sale_returns") == 1  # the one before the end
     r = await client.get(f"{ADMIN}/{sale['id']}/stats", headers=admin_headers)
-    assert r.json()["status"] == "settled" and r.json()["items"][0]["returned_to_stock"] == 7
+    assert r.json()["status"] == "settled" and r.json()["items"][0]["returned_to_stock"] == 8
 
 
 async def test_redis_flushed_mid_sale_is_rebuilt_by_reconcile_with_no_oversell(
