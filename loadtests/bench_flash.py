@@ -116,9 +116,11 @@ def wrk(port: int, path: str, shoppers: Path, args, script: Path = HERE / "wrk" 
     ]
     url = f"http://127.0.0.1:{port}{path}"
     subprocess.run([*base, "-d", f"{args.warmup}s", url], env=env, capture_output=True, check=True)
+    before = cpu_by_process()
     out = subprocess.run(
         [*base, "-d", f"{args.duration}s", url], env=env, capture_output=True, text=True, check=True
     ).stdout
+    cpu = cpu_spent(before, cpu_by_process())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99_text = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     p99 = float(p99_text.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99_text.group(2)]
@@ -130,7 +132,43 @@ def wrk(port: int, path: str, shoppers: Path, args, script: Path = HERE / "wrk" 
         "requests": total,
         "non2xx": int(status.group(1)),
         "errors": int(status.group(2)),
+        # CPU per request (µs) by process group: steadier than req/s on a shared machine.
+        "cpu_us": {group: seconds / total * 1e6 for group, seconds in cpu.items()},
     }
+
+
+def cpu_by_process() -> dict[int, tuple[float, str]]:
+    """pid -> (CPU seconds used so far, process group) for the processes a run involves."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = (
+                Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        group = (
+            "postgres" if "postgres" in cmdline
+            else "redis" if "redis-server" in cmdline or "valkey" in cmdline
+            else "wrk" if cmdline.startswith("wrk")
+            else "app" if "granian" in cmdline or "shop.cli serve" in cmdline
+            else None
+        )  # fmt: skip
+        if group:
+            out[int(entry)] = ((int(fields[11]) + int(fields[12])) / tick, group)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]]) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for pid, (seconds, group) in after.items():
+        spent[group] = spent.get(group, 0.0) + seconds - before.get(pid, (0.0, group))[0]
+    return spent
 
 
 async def prepare(settings, users: int) -> dict:
@@ -234,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                 write_shoppers(rows, file)
                 results[(app, phase)] = wrk(args.port, path, file, args)
                 r = results[(app, phase)]
+                cpu = "  ".join(f"{g} {us:.0f}" for g, us in sorted(r["cpu_us"].items()))
                 print(
                     f"{app:17s} {phase:8s} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:6.1f} ms  "
-                    f"requests {r['requests']}  non-2xx {r['non2xx']}  socket errors {r['errors']}",
+                    f"requests {r['requests']}  non-2xx {r['non2xx']}  socket errors {r['errors']}  "
+                    f"CPU µs/request: {cpu}",
                     flush=True,
                 )
         finally:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import msgspec
 from litestar import Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from shop.settings import Settings
 
 
+def _json_text(value: object) -> str:
+    return msgspec.json.encode(value).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb columns come back as Python objects, and go in from dicts/lists.
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # jsonb columns come back as Python objects, and go in from dicts/lists (msgspec: several
+    # times faster than the json module, same values).
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(name, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog")
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
@@ -48,8 +53,9 @@ async def create_hot_pool(settings: Settings, size: int = 4) -> asyncpg.Pool:
         max_size=size,
         init=_init_connection,
         reset=_keep_session,
-        server_settings={"timezone": "UTC", "application_name": "shop-hotpath"},
-        command_timeout=60,
+        # The server enforces the time limit: asyncpg's own command_timeout costs an asyncio
+        # timeout per statement on the client.
+        server_settings={"timezone": "UTC", "application_name": "shop-hotpath", "statement_timeout": "60s"},
     )
 
 

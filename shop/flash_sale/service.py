@@ -938,12 +938,20 @@ def _hotpath(state: Any) -> HotPath:
 
 # One statement per batch of winners (one round trip, one plan): the links, the orders, their
 # lines and the `order.created` events, each a data-modifying CTE over the same input (a flash
-# order has one line). No counter row is updated: an item's sold units are counted from the rows. A reservation already written (same id), or a second reservation with an
+# order has one line). No counter row is updated: an item's sold units are counted from the
+# rows. A reservation already written (same id), or a second reservation with an
 # Idempotency-Key that already has an order (Redis forgot the key), is skipped: both conflicts
 # end in "do nothing", and the CTEs below build only on the rows `links` inserted.
-ADDRESS_SNAPSHOT = """(select to_jsonb(a) from (select receiver, phone, province, city, district, detail, postal_code
-                      from addresses where user_id = n.user_id
-                      order by (id = n.address_id) desc, is_default desc, id limit 1) a)"""
+#
+# The address: the one the API checked is the shopper's (a primary-key lookup); only if it was
+# deleted since does the order take the shopper's default (or latest) address.
+ADDRESS_SNAPSHOT = """coalesce(
+    case when a.id is not null then jsonb_build_object('receiver', a.receiver, 'phone', a.phone,
+        'province', a.province, 'city', a.city, 'district', a.district, 'detail', a.detail,
+        'postal_code', a.postal_code) end,
+    (select to_jsonb(d) from (select receiver, phone, province, city, district, detail, postal_code
+                              from addresses where user_id = n.user_id
+                              order by is_default desc, id desc limit 1) d))"""
 
 _ORDER_COLUMNS = [c.strip() for c in ORDER_FIELDS.split(",")]
 _LINE_COLUMNS = list(OrderLineOut.__struct_fields__)
@@ -951,7 +959,7 @@ PERSIST = f"""
 with links as (
     insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at,
         idempotency_key, address_id)
-    select e.rid, nextval(pg_get_serial_sequence('orders', 'id')), i.flash_sale_id, e.item_id, e.uid, e.qty,
+    select e.rid, nextval('orders_id_seq'::regclass), i.flash_sale_id, e.item_id, e.uid, e.qty,
            to_timestamp(e.ms / 1000.0), nullif(e.k, ''), e.address_id
     from unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[], $6::text[], $7::bigint[])
          as e (rid, uid, item_id, qty, ms, k, address_id)
@@ -973,6 +981,7 @@ with links as (
            {ADDRESS_SNAPSHOT},
            n.reserved_at + make_interval(mins => n.pay_deadline_minutes)
     from n
+    left join addresses a on a.id = n.address_id and a.user_id = n.user_id
     left join shipping_rule r on r.id = 1
     cross join lateral (select case when r.id is null then 0
                                     when r.free_threshold is not null and n.amount >= r.free_threshold then 0

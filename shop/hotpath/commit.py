@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import hiredis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
@@ -105,6 +106,11 @@ class GroupCommitter:
                     future.set_result(results.get(reservation.id))
 
 
+def _pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """RESP for the commands; hiredis's C packer is ~5x faster than redis-py's."""
+    return b"".join([hiredis.pack_command(command) for command in commands])
+
+
 class ScriptPipeliner:
     """Sends the script calls made in one event-loop turn as one pipeline: one connection, one round trip.
 
@@ -150,9 +156,7 @@ class ScriptPipeliner:
         """Every call of the batch on one connection; each reply, or the error Redis answered."""
         reused = bool(self._idle)
         conn = self._idle.pop() if reused else self.redis.connection_pool.make_connection()
-        packed = conn.pack_commands(
-            [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
-        )
+        packed = _pack([("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
         try:
             try:
                 await conn.send_packed_command(packed, check_health=False)

@@ -124,6 +124,27 @@ async def test_worker_persists_a_reservation_the_api_died_on_once(client, app, d
     await assert_consistent(app, db, sale)
 
 
+async def test_an_address_deleted_before_the_write_falls_back_to_the_default(
+    client, app, db, settings, admin_headers
+):
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    other = await db.fetchval(
+        """insert into addresses (user_id, receiver, phone, province, city, district, detail, is_default)
+           values ($1, '李四', '13900139000', '浙江省', '杭州市', '西湖区', '文三路 2 号', false) returning id""",
+        shopper["id"],
+    )
+    rid = await reserve_without_persisting(app, sale, {**shopper, "address_id": other})
+    await db.execute("delete from addresses where id = $1", other)
+    await persist_all_streams(ctx_of(app))
+    address = await db.fetchval(
+        "select o.address from orders o join flash_sale_orders f on f.order_id = o.id where f.reservation_id = $1",
+        rid,
+    )
+    assert address["receiver"] == "张三"  # the default one, whole
+    assert set(address) == {"receiver", "phone", "province", "city", "district", "detail", "postal_code"}
+
+
 @pytest.mark.slow
 async def test_api_process_killed_between_reservation_and_write(client, app, db, settings, admin_headers):
     """A real `shop serve` pauses after the Lua reservation (fault injection), is killed -9; the worker persists."""

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import asyncpg
 import pytest
 
@@ -96,3 +98,20 @@ async def test_refuses_to_start_unmigrated(servers, settings):
     finally:
         await admin.execute(f'drop database if exists "{name}" with (force)')
         await admin.close()
+
+
+async def test_latency_histogram_counts_every_request_in_its_bucket(client):
+    for _ in range(3):
+        await client.get("/healthz")
+    text = (await client.get("/metrics")).text
+
+    def value(name: str, labels: str) -> float:
+        return float(
+            re.search(rf"shop_http_request_duration_seconds_{name}\{{{labels}\}} (\S+)", text).group(1)
+        )
+
+    where = 'method="GET",route="/healthz"'
+    count = value("count", where)
+    assert count == value("bucket", f'le="\\+Inf",{where}') >= 3
+    assert value("bucket", f'le="0.001",{where}') <= value("bucket", f'le="10.0",{where}') == count
+    assert value("sum", where) > 0

@@ -72,11 +72,17 @@ def test_metrics_are_aggregated_across_worker_processes(settings, tmp_path):
 
         with ThreadPoolExecutor(12) as pool:
             list(pool.map(burst, range(12)))
-        with httpx.Client(base_url=base, timeout=5) as c:
-            text = c.get("/metrics").text
-        counts = re.findall(
-            r'shop_http_requests_total\{method="GET",route="/healthz",status="200"\} ([0-9.]+)', text
-        )
+        # Each worker adds its requests to the shared metrics within a second.
+        deadline = time.monotonic() + 10
+        while True:
+            with httpx.Client(base_url=base, timeout=5) as c:
+                text = c.get("/metrics").text
+            counts = re.findall(
+                r'shop_http_requests_total\{method="GET",route="/healthz",status="200"\} ([0-9.]+)', text
+            )
+            if [float(n) for n in counts] == [60.0] or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
         assert [float(n) for n in counts] == [60.0]
         writers = {m.group(1) for f in metrics_dir.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
         assert len(writers) >= 2, writers
