@@ -110,13 +110,20 @@ async def settle_game(
         )
         if settled is None:
             return False
+        # Lock first, count after: a claim that commits while this waits for the lock is then
+        # seen both in `held` and in the count (one statement would count from its older snapshot).
+        await conn.execute(
+            """select 1 from game_prizes where game_id = $1 and kind = 'goods' and held > 0
+               order by sku_id, id for update""",
+            game_id,
+        )
         prizes = await conn.fetch(
             """select p.id, p.sku_id, p.held,
                       (select count(*) from game_draws d left join prize_deliveries r on r.draw_id = d.id
                        where d.prize_id = p.id and not d.returned
                          and r.status is distinct from 'claimed') as won
                from game_prizes p where p.game_id = $1 and p.kind = 'goods' and p.held > 0
-               order by p.sku_id, p.id for update of p""",
+               order by p.sku_id, p.id""",
             game_id,
         )
         per_sku: dict[int, int] = {}

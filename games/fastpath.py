@@ -17,8 +17,8 @@ _NO_BODY = DrawIn()
 
 async def wheel_draw(call: Call) -> Answer:
     (game_id,) = call.params
+    data = await call.body(_BODY, empty=_NO_BODY)  # the body before the token, as Litestar
     user = call.shopper()
-    data = await call.body(_BODY, empty=_NO_BODY)
     out, replayed = await draw_out(
         call.state, game_id=game_id, game_type="wheel", user_id=user.id,
         idempotency_key=call.key(), pay_with_points=data.pay_with_points,

@@ -60,7 +60,7 @@ class Call:
     async def body(self, decoder: msgspec.json.Decoder[T], *, empty: T | None = None) -> T:
         """The JSON body as `decoder`'s type (422 like Litestar's validation); `empty` when none is sent."""
         raw = await _read_body(self.receive)
-        if not raw.strip() and empty is not None:
+        if empty is not None and (raw == b"" or raw.strip() == b"null"):  # no body, as Litestar reads it
             return empty
         try:
             return decoder.decode(raw)
@@ -116,13 +116,14 @@ async def _serve(
     route: FastRoute, scope: Scope, receive: Receive, send: Send, params: tuple[int, ...]
 ) -> None:
     call = Call(scope["app"].state, scope, receive, params)
-    for name, value in scope["headers"]:
+    for name, value in scope["headers"]:  # a repeated header counts once, its first value (as Litestar)
         if name == b"authorization":
-            call.authorization = value.decode("latin-1")
+            call.authorization = call.authorization or value.decode("latin-1")
         elif name == b"idempotency-key":
-            call.idempotency_key = value.decode("latin-1")
+            if call.idempotency_key is None:
+                call.idempotency_key = value.decode("latin-1")
         elif name == b"x-forwarded-for":
-            call.forwarded_for = value.decode("latin-1")
+            call.forwarded_for = call.forwarded_for or value.decode("latin-1")
     try:
         answer = await route.handler(call)
         status, body = answer.status, answer.body
@@ -136,6 +137,7 @@ async def _serve(
         log.exception("unhandled error on %s %s", scope["method"], scope["path"])
         status, headers = 500, JSON_HEADERS
         body = msgspec.json.encode(error_body("internal_error", "Internal server error"))
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -16,8 +16,8 @@ _BODY = msgspec.json.Decoder(FlashBuyIn)
 
 async def buy(call: Call) -> Answer:
     sale_id, item_id = call.params
+    data = await call.body(_BODY)  # the body before the token: Litestar's order (its kwargs first)
     user = call.shopper()
-    data = await call.body(_BODY)
     answer = await service.buy_call(call.state, sale_id, item_id, user.id, data, call.client_ip(), call.key())
     if answer.body is not None:
         return Answer(answer.status, answer.body)

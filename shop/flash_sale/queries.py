@@ -85,9 +85,10 @@ async def keyed_orders(conn: asyncpg.Connection, sale_id: int) -> list[asyncpg.R
     )
 
 
-async def fetch_keyed_order_id(conn: asyncpg.Connection, sale_id: int, user_id: int, key: str) -> int | None:
-    return await conn.fetchval(
-        """select order_id from flash_sale_orders
+async def fetch_keyed_order(conn: asyncpg.Connection, sale_id: int, user_id: int, key: str) -> asyncpg.Record:
+    """The order an Idempotency-Key made, with what the request asked for."""
+    return await conn.fetchrow(
+        """select order_id, item_id, qty, address_id from flash_sale_orders
            where flash_sale_id = $1 and user_id = $2 and idempotency_key = $3""",
         sale_id,
         user_id,

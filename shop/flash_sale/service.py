@@ -502,8 +502,7 @@ async def settle_sale(
             # The units sold count as the SKU's and product's sales now, once (a return after
             # this goes to SKU stock and takes its units off the sales, like any order's).
             await conn.execute(
-                """with i as (update flash_sale_items set returned_to_stock = $2, sales_counted = $3
-                              where id = $1 returning sku_id),
+                """with i as (update flash_sale_items set returned_to_stock = $2 where id = $1 returning sku_id),
                         s as (update skus set sales = sales + $3 from i where skus.id = i.sku_id
                               returning skus.product_id)
                    update products set sales = sales + $3 from s where products.id = s.product_id""",
@@ -804,7 +803,10 @@ async def buy(
     committed before this returns."""
     settings: Settings = state.settings
     flags = _sold_out_flags(state)
-    await _check_address(state, user_id, body.address_id)
+    if flags.get((sale_id, item_id), 0.0) <= time.monotonic():
+        # Not while this process saw the item sold out (a keyed retry still asks Redis, which
+        # will most likely refuse it): losers do not reach PostgreSQL.
+        await _check_address(state, user_id, body.address_id)
     keys: Keys = state.redis_keys
     hotpath: HotPath = _hotpath(state)
     rid = new_reservation_id()
@@ -871,8 +873,14 @@ async def buy(
         async with state.pool.acquire() as conn:
             order_id = await queries.fetch_order_id(conn, reservation.id)
             if order_id is None and idempotency_key is not None:
-                order_id = await queries.fetch_keyed_order_id(conn, sale_id, user_id, idempotency_key)
-                replayed = True
+                first = await queries.fetch_keyed_order(conn, sale_id, user_id, idempotency_key)
+                if _fingerprint(first["item_id"], first["qty"], first["address_id"]) != fingerprint:
+                    raise ValidationFailed(
+                        "This Idempotency-Key was used with a different request",
+                        code="idempotency.mismatch",
+                        details=[{"field": "Idempotency-Key", "message": "used with a different request"}],
+                    )
+                order_id, replayed = first["order_id"], True
             order = await load_order(conn, order_id)
     return Bought(order, replayed)
 

@@ -47,6 +47,7 @@ class GroupCommitter:
         self.max_wait = max_wait
         self.max_inflight = max_inflight
         self.single_statement = single_statement
+        self.timeout = 60.0
         self._waiting: list[tuple[Reservation, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task] = set()
@@ -85,7 +86,9 @@ class GroupCommitter:
 
     async def _flush(self, batch: list[tuple[Reservation, asyncio.Future]]) -> None:
         try:
-            async with self.pool.acquire() as conn:
+            # One client-side limit per batch (PostgreSQL enforces statement_timeout itself; this
+            # covers a server that stops answering without closing the connection).
+            async with asyncio.timeout(self.timeout), self.pool.acquire() as conn:
                 if self.single_statement:
                     results = await self.persist(conn, [reservation for reservation, _ in batch])
                 else:
@@ -120,6 +123,8 @@ class ScriptPipeliner:
     on a handful of connections instead of opening one each.
     """
 
+    MAX_IDLE = 8
+
     def __init__(self, redis: aioredis.Redis, *, max_batch: int = 128) -> None:
         self.redis = redis
         self.max_batch = max_batch
@@ -127,6 +132,7 @@ class ScriptPipeliner:
         self._scheduled = False
         self._flushes: set[asyncio.Task] = set()
         self._idle: list[Any] = []  # connected redis.asyncio.Connection objects, ours alone
+        self._open: set[Any] = set()  # every connection of ours, idle or in use
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -138,9 +144,29 @@ class ScriptPipeliner:
         return await asyncio.shield(future)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        self._idle = []
+        conns, self._open = self._open, set()
+        for conn in conns:
             await conn.disconnect()
+
+    async def _connection(self) -> Any:
+        """A kept connection the server has not closed (a restart, its idle `timeout`, a proxy:
+        checked the way redis-py's pool checks before reuse), or a new one."""
+        while self._idle:
+            conn = self._idle.pop()
+            try:
+                if conn.is_connected and not await conn.can_read_destructive():
+                    return conn
+            except (ConnectionError, OSError):
+                pass
+            await self._discard(conn)
+        conn = self.redis.connection_pool.make_connection()
+        self._open.add(conn)
+        return conn
+
+    async def _discard(self, conn: Any) -> None:
+        self._open.discard(conn)
+        await conn.disconnect()
 
     def _flush_now(self) -> None:
         self._scheduled = False
@@ -153,21 +179,15 @@ class ScriptPipeliner:
             task.add_done_callback(self._flushes.discard)
 
     async def _roundtrip(self, batch: list) -> list[Any]:
-        """Every call of the batch on one connection; each reply, or the error Redis answered."""
-        reused = bool(self._idle)
-        conn = self._idle.pop() if reused else self.redis.connection_pool.make_connection()
+        """Every call of the batch on one connection; each reply, or the error Redis answered.
+
+        A failure after the send fails the whole batch and is not retried: whether the scripts
+        ran cannot be known (a winner's reservation is in the stream either way, and the worker
+        persists it)."""
+        conn = await self._connection()
         packed = _pack([("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
         try:
-            try:
-                await conn.send_packed_command(packed, check_health=False)
-            except (ConnectionError, OSError):
-                if not reused:
-                    raise
-                # A kept connection the server closed (a restart): nothing was run, so the
-                # batch goes once more on a new connection.
-                await conn.disconnect()
-                conn = self.redis.connection_pool.make_connection()
-                await conn.send_packed_command(packed, check_health=False)
+            await conn.send_packed_command(packed, check_health=False)
             replies: list[Any] = []
             for _ in batch:
                 try:
@@ -175,18 +195,26 @@ class ScriptPipeliner:
                 except ResponseError as exc:
                     replies.append(exc)
         except BaseException:
-            await conn.disconnect()
+            await self._discard(conn)
             raise
-        self._idle.append(conn)
+        if len(self._idle) < self.MAX_IDLE:
+            self._idle.append(conn)
+        else:
+            await self._discard(conn)
         return replies
 
     async def _flush(self, batch: list) -> None:
         try:
             replies = await self._roundtrip(batch)
-        except Exception as exc:
+        except BaseException as exc:
             for *_, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         for (script, keys, args, future), reply in zip(batch, replies, strict=True):
             if isinstance(reply, NoScriptError):

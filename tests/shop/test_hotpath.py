@@ -165,3 +165,30 @@ async def test_claims_keep_working_while_the_worker_runs(app, client, db, settin
     await persist_all_streams(ctx)
     assert [r.status_code for r in results].count(201) == 50
     assert await db.fetchval("select count(*) from coupons") == 50
+
+
+async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
+    """A kept connection Redis closed (a restart, its idle timeout, a proxy) is not used again."""
+    from shop.hotpath.commit import ScriptPipeliner
+    from shop.redis import create_redis
+
+    redis = create_redis(settings.redis_url)
+    script = redis.register_script("return ARGV[1]")
+    await script(keys=[], args=["warm"])
+    pipeliner = ScriptPipeliner(redis)
+    try:
+        assert await pipeliner.call(script, [], ["a"]) == "a"
+        [conn] = pipeliner._idle
+        await conn.send_command("CLIENT", "ID")
+        await redis.execute_command("CLIENT", "KILL", "ID", await conn.read_response())
+        await asyncio.sleep(0.05)
+        assert await asyncio.gather(*(pipeliner.call(script, [], [str(i)]) for i in range(3))) == [
+            "0",
+            "1",
+            "2",
+        ]
+        assert conn not in pipeliner._idle and len(pipeliner._open) == 1
+    finally:
+        await pipeliner.aclose()
+        await redis.aclose()
+    assert pipeliner._open == set()
