@@ -71,8 +71,8 @@ class Keys:
     def flash_stream(self, event_id: int) -> str:
         return self._k(f"fs:{event_id}", "stream")
 
-    def flash_returned(self, event_id: int) -> str:
-        return self._k(f"fs:{event_id}", "returned")
+    def flash_returned(self, event_id: int, item_id: int) -> str:
+        return self._k(f"fs:{event_id}", "returned", item_id)
 
     # Games (games/): every key of one game shares the hash tag {game:<id>}, so the draw script
     # runs on one Redis Cluster shard.

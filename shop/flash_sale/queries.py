@@ -69,11 +69,35 @@ async def bought_counts(conn: asyncpg.Connection, item_id: int) -> dict[int, int
     return {r["user_id"]: r["n"] for r in rows}
 
 
-async def return_ids(conn: asyncpg.Connection, sale_id: int) -> list[int]:
-    return [
-        r["id"]
-        for r in await conn.fetch("select id from flash_sale_returns where flash_sale_id = $1", sale_id)
-    ]
+async def persisted_reservations(conn: asyncpg.Connection, reservation_ids: Sequence[str]) -> list[str]:
+    """Which of these reservations have their order row."""
+    rows = await conn.fetch(
+        "select reservation_id from flash_sale_orders where reservation_id = any($1::text[])",
+        list(reservation_ids),
+    )
+    return [r["reservation_id"] for r in rows]
+
+
+async def return_ids(conn: asyncpg.Connection, sale_id: int) -> dict[int, list[int]]:
+    """item id -> ids of the item's returns."""
+    out: dict[int, list[int]] = {}
+    for r in await conn.fetch(
+        "select id, item_id from flash_sale_returns where flash_sale_id = $1 order by id", sale_id
+    ):
+        out.setdefault(r["item_id"], []).append(r["id"])
+    return out
+
+
+async def returns_not_in(
+    conn: asyncpg.Connection, sale_id: int, known: Sequence[int]
+) -> list[asyncpg.Record]:
+    """The sale's returns other than `known` (committed after a rebuild's snapshot)."""
+    return await conn.fetch(
+        """select id, flash_sale_id, item_id, user_id, qty from flash_sale_returns
+           where flash_sale_id = $1 and id <> all($2::bigint[]) order by id""",
+        sale_id,
+        list(known),
+    )
 
 
 async def keyed_orders(conn: asyncpg.Connection, sale_id: int) -> list[asyncpg.Record]:

@@ -249,7 +249,7 @@ def _item_keys(keys: Keys, sale_id: int, item_id: int) -> list[str]:
         keys.flash_item(sale_id, item_id),
         keys.flash_bought(sale_id, item_id),
         keys.flash_stream(sale_id),
-        keys.flash_returned(sale_id),
+        keys.flash_returned(sale_id, item_id),
     ]
 
 
@@ -267,6 +267,11 @@ async def rebuild_sale(
         returns = await queries.return_ids(conn, sale_id)
         bought = {item["id"]: await queries.bought_counts(conn, item["id"]) for item in items}
         keyed = await queries.keyed_orders(conn, sale_id)
+        # Entries after `last` that an API process wrote between persist_backlog and this
+        # snapshot are counted by it already: the script must not take them on top again. (An
+        # entry added after this XRANGE was committed after the snapshot began.)
+        tail = [fields["rid"] for _, fields in await redis.xrange(stream, min=f"({last}", max="+")]
+        counted = await queries.persisted_reservations(conn, tail) if tail else []
     ends_in = max(0, int((row["ends_at"] - datetime.now(UTC)).total_seconds()))
     async with redis.pipeline(transaction=False) as pipe:
         # Idempotency-Keys of orders back in Redis (a no-op where Redis still has them).
@@ -296,17 +301,37 @@ async def rebuild_sale(
                 item["quota"],
                 last,
                 item["id"],
-                len(returns),
-                *returns,
+                len(returns.get(item["id"], [])),
+                *returns.get(item["id"], []),
+                len(counted),
+                *counted,
                 *pairs,
             ],
         )
     await redis.hset(keys.flash_state(sale_id), mapping=dict(zip(*[iter(_state_args(row))] * 2, strict=True)))
     await register_stream(redis, keys, KIND, stream)
-    if returns:
+    counted_returns = [i for ids in returns.values() for i in ids]
+    if counted_returns:
         await conn.execute(
             "update flash_sale_returns set redis_done = true where id = any($1::bigint[]) and not redis_done",
-            returns,
+            counted_returns,
+        )
+    # Returns committed after the snapshot: the warm reset their item's markers, so each is
+    # applied now exactly once (again, if it had reached the counters the warm overwrote).
+    late = await queries.returns_not_in(conn, sale_id, counted_returns)
+    for r in late:
+        await scripts.flash_return(
+            keys=[
+                keys.flash_item(sale_id, r["item_id"]),
+                keys.flash_bought(sale_id, r["item_id"]),
+                keys.flash_returned(sale_id, r["item_id"]),
+            ],
+            args=[r["id"], r["user_id"], r["qty"]],
+        )
+    if late:
+        await conn.execute(
+            "update flash_sale_returns set redis_done = true where id = any($1::bigint[])",
+            [r["id"] for r in late],
         )
 
 
@@ -1128,7 +1153,7 @@ async def apply_returns(runtime: Runtime, returns: Sequence[tuple[int, int, int,
             keys=[
                 keys.flash_item(sale_id, item_id),
                 keys.flash_bought(sale_id, item_id),
-                keys.flash_returned(sale_id),
+                keys.flash_returned(sale_id, item_id),
             ],
             args=[return_id, user_id, qty],
         )

@@ -2,7 +2,7 @@
 --
 -- KEYS[1] {fs:E}:item:I     hash (see flash_buy.lua)
 -- KEYS[2] {fs:E}:bought:I   hash: user id -> units bought
--- KEYS[3] {fs:E}:returned   hash: return id -> 1 (returns already applied)
+-- KEYS[3] {fs:E}:returned:I hash: return id -> 1 (this item's returns already applied)
 -- ARGV[1] return id (flash_sale_returns.id), ARGV[2] user id, ARGV[3] qty
 --
 -- Returns 'ok' | 'done' (applied before) | 'cold' (no item state: a rebuild from PostgreSQL,

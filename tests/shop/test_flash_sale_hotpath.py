@@ -388,3 +388,61 @@ async def test_reconcile_reports_and_fixes_corrupted_counters(client, app, db, s
     r = await buy(client, shoppers[0], sale, qty=2)
     assert r.status_code == 409 and code_of(r) == "flash_sale.limit_exceeded"
     assert json.loads(r.text)["error"]["code"] == "flash_sale.limit_exceeded"
+
+
+async def test_a_rebuild_counts_an_order_written_during_it_once(
+    client, app, db, settings, admin_headers, monkeypatch
+):
+    """Orders an API process commits after the rebuild persisted the stream's backlog are both in
+    its PostgreSQL snapshot and in the stream's tail: counted once."""
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=3)
+    shoppers = await buyers(db, settings, 3, sale["id"])
+    for s in shoppers:
+        assert (await buy(client, s, sale)).status_code == 201
+
+    async def nothing_persisted_yet(redis, conn, kind, stream):
+        return "0-0"  # as if every entry arrived after the backlog was written
+
+    monkeypatch.setattr(service, "persist_backlog", nothing_persisted_yet)
+    keys = Keys(settings.redis_prefix)
+    await service.rebuild_sale(db, app.state.redis, app.state.scripts, keys, sale["id"])
+    assert await redis_item(app, sale) == await db_item(db, sale) == (7, {s["id"]: 1 for s in shoppers})
+    # An entry the snapshot does not have (its order not yet written) is still taken on top.
+    rid = await reserve_without_persisting(app, sale, shoppers[0])
+    await service.rebuild_sale(db, app.state.redis, app.state.scripts, keys, sale["id"])
+    assert (await redis_item(app, sale))[0] == 6
+    monkeypatch.undo()
+    await persist_all_streams(ctx_of(app))
+    assert await db.fetchval("select count(*) from flash_sale_orders where reservation_id = $1", rid) == 1
+    await assert_consistent(app, db, sale)
+
+
+async def test_a_return_committed_during_a_rebuild_is_counted_once(
+    client, app, db, settings, admin_headers, monkeypatch
+):
+    """A cancel that commits after the rebuild's snapshot and reaches Redis before the rebuild
+    writes the counters: the rebuild applies it again on the counters it wrote, once."""
+    from contextlib import asynccontextmanager
+
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=3)
+    shoppers = await buyers(db, settings, 3, sale["id"])
+    orders = [(await buy(client, s, sale)).json()["id"] for s in shoppers]
+    real_snapshot = service.snapshot
+
+    @asynccontextmanager
+    async def snapshot_then_cancel(conn):
+        async with real_snapshot(conn) as c:
+            yield c
+        r = await client.post(f"/api/v1/orders/{orders[0]}/cancel", headers=shoppers[0]["headers"])
+        assert r.status_code == 200, r.text
+
+    monkeypatch.setattr(service, "snapshot", snapshot_then_cancel)
+    await service.rebuild_sale(
+        db, app.state.redis, app.state.scripts, Keys(settings.redis_prefix), sale["id"]
+    )
+    monkeypatch.undo()
+    assert await redis_item(app, sale) == await db_item(db, sale) == (8, {s["id"]: 1 for s in shoppers[1:]})
+    # Applying it again (the worker's retry) changes nothing.
+    await restore_flash_returns(ctx_of(app))
+    assert await redis_item(app, sale) == (8, {s["id"]: 1 for s in shoppers[1:]})
+    assert await db.fetchval("select bool_and(redis_done) from flash_sale_returns")
