@@ -78,6 +78,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError("SHOP_DB_POOL_MIN must not exceed SHOP_DB_POOL_MAX")
         keys = parse_jwt_keys(self.jwt_keys)
+        if self.payment_provider == "wechatpay" and not self.wechatpay_mchid:
+            raise SettingsError(
+                "SHOP_PAYMENT_PROVIDER=wechatpay needs SHOP_WECHATPAY_MCHID and the merchant's "
+                "other SHOP_WECHATPAY_* credentials"
+            )
         if self.env == "production":
             if self.flash_fault_pause_seconds:
                 raise SettingsError(

@@ -14,8 +14,11 @@ from shop.app import create_app
 from shop.cli import create_admin
 from shop.settings import Settings
 from tests.conftest import running
+from tests.fakes import wechatpay as fakes
 
 PROD_JWT_KEYS = "prod1:" + "p" * 40
+fake_wechatpay_server = fakes.fake_wechatpay_server  # a production app needs its payment provider
+fake_wechatpay = fakes.fake_wechatpay
 
 
 @contextlib.asynccontextmanager
@@ -117,9 +120,9 @@ async def test_concurrent_first_logins_with_one_code_create_one_shopper(client, 
     assert await db.fetchval("select count(*) from user_identities") == 1
 
 
-async def test_dev_provider_is_refused_in_production(settings, db):
+async def test_dev_provider_is_refused_in_production(settings, db, fake_wechatpay):
     production = msgspec.structs.replace(
-        settings, env="production", jwt_keys=PROD_JWT_KEYS, payment_provider="wechatpay"
+        fakes.wechatpay_settings(settings, fake_wechatpay), env="production", jwt_keys=PROD_JWT_KEYS
     )
     async with client_for(production) as client:
         r = await dev_login(client, "alice")

@@ -25,8 +25,13 @@ STRONG_KEYS = "k1:" + "s" * 40
         ({"SHOP_JWT_KEYS": "no-colon-here"}, "SHOP_JWT_KEYS", "kid:secret"),
         ({"SHOP_JWT_KEYS": "k1:short"}, "SHOP_JWT_KEYS", "16+"),
         ({"SHOP_JWT_KEYS": " , "}, "SHOP_JWT_KEYS", "at least one key"),
+        ({"SHOP_PAYMENT_PROVIDER": "wechatpay"}, "SHOP_PAYMENT_PROVIDER", "SHOP_WECHATPAY_MCHID"),
         (
-            {"SHOP_ENV": "production", "SHOP_PAYMENT_PROVIDER": "wechatpay"},
+            {
+                "SHOP_ENV": "production",
+                "SHOP_PAYMENT_PROVIDER": "wechatpay",
+                "SHOP_WECHATPAY_MCHID": "1900000001",
+            },
             "SHOP_JWT_KEYS",
             "public dev key",
         ),
@@ -34,6 +39,7 @@ STRONG_KEYS = "k1:" + "s" * 40
             {
                 "SHOP_ENV": "production",
                 "SHOP_PAYMENT_PROVIDER": "wechatpay",
+                "SHOP_WECHATPAY_MCHID": "1900000001",
                 "SHOP_JWT_KEYS": "k1:only-twenty-chars-x",
             },
             "SHOP_JWT_KEYS",
@@ -81,7 +87,12 @@ def test_values_from_strings_are_converted():
 
 def test_production_accepts_strong_keys():
     settings = load_settings(
-        {"SHOP_ENV": "production", "SHOP_PAYMENT_PROVIDER": "wechatpay", "SHOP_JWT_KEYS": STRONG_KEYS}
+        {
+            "SHOP_ENV": "production",
+            "SHOP_PAYMENT_PROVIDER": "wechatpay",
+            "SHOP_WECHATPAY_MCHID": "1900000001",
+            "SHOP_JWT_KEYS": STRONG_KEYS,
+        }
     )
     assert settings.env == "production"
 
@@ -129,6 +140,7 @@ def test_production_refuses_test_only_fault_injection():
             {
                 "SHOP_ENV": "production",
                 "SHOP_PAYMENT_PROVIDER": "wechatpay",
+                "SHOP_WECHATPAY_MCHID": "1900000001",
                 "SHOP_JWT_KEYS": STRONG_KEYS,
                 "SHOP_FLASH_FAULT_PAUSE_SECONDS": "5",
             }

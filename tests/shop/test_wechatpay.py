@@ -340,7 +340,8 @@ async def test_config_errors_are_clear(fake_wechatpay, tmp_path):
         },
         "cannot read": {"wechatpay_private_key": f"@{tmp_path / 'missing.pem'}"},
         "not an unencrypted PEM private key": {"wechatpay_private_key": "garbage"},
-        "set SHOP_WECHATPAY_MCHID": {"wechatpay_mchid": ""},
+        # (Settings refuse SHOP_PAYMENT_PROVIDER=wechatpay without it; the config says so too.)
+        "set SHOP_WECHATPAY_MCHID": {"wechatpay_mchid": "", "payment_provider": "sandbox"},
         "SHOP_WECHATPAY_PUBLIC_KEYS": {"wechatpay_public_keys": "NOEQUALS"},
         "NOTIFY_URL": {"wechatpay_notify_url": "ftp://x/notify"},
     }
