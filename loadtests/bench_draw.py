@@ -14,7 +14,6 @@ benchmark measures the API alone. Prints a Markdown table with req/s, p99 and th
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -30,7 +29,7 @@ from litestar import Litestar, Request, Response, post
 
 from games import admin, engine
 from games.schemas import DrawIn, GameIn, PrizeIn
-from loadtests.bench_flash import HERE, start, stop, wait_ready, wrk
+from loadtests.bench_flash import HERE, bench_arguments, start, stop, wait_ready, wrk
 from loadtests.reference.apps import redis_lifespan
 from shop.auth_tokens import AUD_SHOPPER, issue_access_token
 from shop.db import connect
@@ -144,14 +143,7 @@ async def prepare(settings, users: int) -> tuple[dict[str, int], list[tuple[int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8401)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--users", type=int, default=2000)
+    parser = bench_arguments(__doc__, 8401)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the apps this many times")
     args = parser.parse_args(argv)
 

@@ -207,15 +207,21 @@ def write_shoppers(rows, path: Path) -> None:
     path.write_text("".join(f"{uid}|{jwt}|{address}|{token}\n" for uid, jwt, address, token in rows))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8400)
+def bench_arguments(doc: str, port: int) -> argparse.ArgumentParser:
+    """The options every benchmark here shares: server, wrk settings and shoppers."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--port", type=int, default=port)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--users", type=int, default=2000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_arguments(__doc__, 8400)
     parser.add_argument(
         "--only",
         default="",

@@ -45,6 +45,15 @@ def check_key(key: str | None) -> str | None:
     return key
 
 
+def key_mismatch() -> ValidationFailed:
+    """422 for a key repeated with another request (the hot paths' form, naming the header)."""
+    return ValidationFailed(
+        "This Idempotency-Key was used with a different request",
+        code="idempotency.mismatch",
+        details=[{"field": "Idempotency-Key", "message": "used with a different request"}],
+    )
+
+
 async def run_idempotent(
     conn: asyncpg.Connection,
     *,

@@ -48,12 +48,14 @@ from shop.hotpath import (
     HotPath,
     Reservation,
     encode_payload,
+    hotpath_of,
     new_reservation_id,
     persist_backlog,
     register_persister,
     register_stream,
     registered_streams,
 )
+from shop.idempotency import key_mismatch
 from shop.keys import Keys
 from shop.orders.schemas import OrderLineOut, OrderOut
 from shop.orders.service import (
@@ -311,28 +313,11 @@ async def rebuild_sale(
     await redis.hset(keys.flash_state(sale_id), mapping=dict(zip(*[iter(_state_args(row))] * 2, strict=True)))
     await register_stream(redis, keys, KIND, stream)
     counted_returns = [i for ids in returns.values() for i in ids]
-    if counted_returns:
-        await conn.execute(
-            "update flash_sale_returns set redis_done = true where id = any($1::bigint[]) and not redis_done",
-            counted_returns,
-        )
+    await _mark_returns_done(conn, counted_returns)
     # Returns committed after the snapshot: the warm reset their item's markers, so each is
     # applied now exactly once (again, if it had reached the counters the warm overwrote).
-    late = await queries.returns_not_in(conn, sale_id, counted_returns)
-    for r in late:
-        await scripts.flash_return(
-            keys=[
-                keys.flash_item(sale_id, r["item_id"]),
-                keys.flash_bought(sale_id, r["item_id"]),
-                keys.flash_returned(sale_id, r["item_id"]),
-            ],
-            args=[r["id"], r["user_id"], r["qty"]],
-        )
-    if late:
-        await conn.execute(
-            "update flash_sale_returns set redis_done = true where id = any($1::bigint[])",
-            [r["id"] for r in late],
-        )
+    late = [tuple(r) for r in await queries.returns_not_in(conn, sale_id, counted_returns)]
+    await _mark_returns_done(conn, await _returns_to_redis(scripts, keys, late))
 
 
 async def publish_sale(
@@ -804,8 +789,7 @@ async def buy_call(
 
 def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
     """This process saw the item sold out less than `flash_sold_out_seconds` ago."""
-    flags = getattr(state, "flash_sold_out", None)
-    return flags is not None and flags.get((sale_id, item_id), 0.0) > time.monotonic()
+    return _sold_out_flags(state).get((sale_id, item_id), 0.0) > time.monotonic()
 
 
 def _sold_out_flags(state: Any) -> dict[tuple[int, int], float]:
@@ -828,12 +812,12 @@ async def buy(
     committed before this returns."""
     settings: Settings = state.settings
     flags = _sold_out_flags(state)
-    if flags.get((sale_id, item_id), 0.0) <= time.monotonic():
+    if not sold_out_here(state, sale_id, item_id):
         # Not while this process saw the item sold out (a keyed retry still asks Redis, which
         # will most likely refuse it): losers do not reach PostgreSQL.
         await _check_address(state, user_id, body.address_id)
     keys: Keys = state.redis_keys
-    hotpath: HotPath = _hotpath(state)
+    hotpath: HotPath = hotpath_of(state)
     rid = new_reservation_id()
     now = now_ms()
     payload = _payload(sale_id, item_id, body.qty, body.address_id, now, idempotency_key)
@@ -868,11 +852,7 @@ async def buy(
         reservation = Reservation(rid, user_id, payload)
     elif outcome == "replay":
         if reply[2] != fingerprint:
-            raise ValidationFailed(
-                "This Idempotency-Key was used with a different request",
-                code="idempotency.mismatch",
-                details=[{"field": "Idempotency-Key", "message": "used with a different request"}],
-            )
+            raise key_mismatch()
         # The first request may still be writing (or have died): writing again is a no-op or the rescue.
         reservation = Reservation(reply[1], user_id, msgspec.json.decode(reply[3]))
     elif outcome == "rate_limited":
@@ -900,11 +880,7 @@ async def buy(
             if order_id is None and idempotency_key is not None:
                 first = await queries.fetch_keyed_order(conn, sale_id, user_id, idempotency_key)
                 if _fingerprint(first["item_id"], first["qty"], first["address_id"]) != fingerprint:
-                    raise ValidationFailed(
-                        "This Idempotency-Key was used with a different request",
-                        code="idempotency.mismatch",
-                        details=[{"field": "Idempotency-Key", "message": "used with a different request"}],
-                    )
+                    raise key_mismatch()
                 order_id, replayed = first["order_id"], True
             order = await load_order(conn, order_id)
     return Bought(order, replayed)
@@ -958,12 +934,6 @@ async def explain_cold(conn: asyncpg.Connection, sale_id: int, item_id: int) -> 
         raise NotFound("No such flash sale item", code="flash_sale.not_found")
     if row["status"] != "published":
         raise Conflict("The flash sale has ended", code="flash_sale.ended")
-
-
-def _hotpath(state: Any) -> HotPath:
-    from shop.hotpath import hotpath_of
-
-    return hotpath_of(state)
 
 
 # ---------------------------------------------------------------- persisting winners
@@ -1142,14 +1112,14 @@ async def return_flash_units(
 register_unit_returner(KIND, return_flash_units)
 
 
-async def apply_returns(runtime: Runtime, returns: Sequence[tuple[int, int, int, int, int]]) -> int:
-    """(return id, sale, item, user, qty) back into Redis, once each; marks them done in PostgreSQL."""
-    if not returns:
-        return 0
-    keys = runtime.keys
+Return = tuple[int, int, int, int, int]  # (return id, sale, item, user, qty)
+
+
+async def _returns_to_redis(scripts: Any, keys: Keys, returns: Sequence[Return]) -> list[int]:
+    """Each return's units back into Redis, once (flash_return.lua); the ids Redis took."""
     done = []
     for return_id, sale_id, item_id, user_id, qty in returns:
-        reply = await runtime.scripts.flash_return(
+        reply = await scripts.flash_return(
             keys=[
                 keys.flash_item(sale_id, item_id),
                 keys.flash_bought(sale_id, item_id),
@@ -1161,11 +1131,23 @@ async def apply_returns(runtime: Runtime, returns: Sequence[tuple[int, int, int,
         # if its snapshot saw it, and if not, the next retry applies it on the rebuilt counters.
         if reply != "cold":
             done.append(return_id)
+    return done
+
+
+async def _mark_returns_done(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
+    if ids:
+        await conn.execute(
+            "update flash_sale_returns set redis_done = true where id = any($1::bigint[]) and not redis_done",
+            list(ids),
+        )
+
+
+async def apply_returns(runtime: Runtime, returns: Sequence[Return]) -> int:
+    """(return id, sale, item, user, qty) back into Redis, once each; marks them done in PostgreSQL."""
+    done = await _returns_to_redis(runtime.scripts, runtime.keys, returns)
     if done:
         async with runtime.pool.acquire() as conn:
-            await conn.execute(
-                "update flash_sale_returns set redis_done = true where id = any($1::bigint[])", done
-            )
+            await _mark_returns_done(conn, done)
     return len(done)
 
 
