@@ -220,8 +220,49 @@ def bench_arguments(doc: str, port: int) -> argparse.ArgumentParser:
     return parser
 
 
+def _target(app: str, phase: str, plan: dict, shoppers: dict) -> tuple[str, list]:
+    """The buy path an app serves in a phase, and the shoppers to send."""
+    if app in ("shop", "bare_evalsha"):
+        sale = plan[(app, phase)]
+        return f"/api/v1/flash-sales/{sale.id}/items/{sale.item_id}/orders", shoppers[(app, phase)]
+    return f"/api/v1/flash-sales/1/items/{1 if phase == 'stock' else 2}/orders", shoppers[("shop", phase)]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summary(runs: list[tuple[str, str]], results: dict[tuple[str, str], list[dict]]) -> str:
+    """The Markdown table: per app and phase the median req/s over the rounds (its run's p99 and
+    CPU), and the shop's ratio to it, as medians of the per-round ratios (each round's apps ran
+    back to back, so a round's ratio shares the machine's state of the moment)."""
+    lines = [
+        "| phase | app | req/s (median) | p99 (ms) | CPU µs/request (app / postgres / redis) | non-2xx"
+        " | shop ÷ app (median; per round) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for app, phase in runs:
+        rounds = results[(app, phase)]
+        middle = sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
+        cpu = " / ".join(f"{middle['cpu_us'].get(g, 0.0):.0f}" for g in ("app", "postgres", "redis"))
+        ratio = "-"
+        shop = results.get(("shop", phase))
+        if shop and app != "shop":
+            per_round = [s["rps"] / r["rps"] for s, r in zip(shop, rounds, strict=False)]
+            ratio = f"{_median(per_round):.2f}× ({', '.join(f'{x:.2f}' for x in per_round)})"
+        non2xx = sum(r["non2xx"] for r in rounds)
+        lines.append(
+            f"| {phase} | {app} | {_median([r['rps'] for r in rounds]):.0f} | {middle['p99_ms']:.1f} | {cpu} "
+            f"| {non2xx} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_arguments(__doc__, 8400)
+    parser.add_argument("--rounds", type=int, default=1, help="run the apps this many times, alternating")
     parser.add_argument(
         "--only",
         default="",
@@ -241,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "SHOP_LOG_LEVEL": "WARNING",
     }
     tmp = Path(tempfile.mkdtemp(prefix="bench_flash_"))
-    results: dict[tuple[str, str], dict] = {}
+    results: dict[tuple[str, str], list[dict]] = {}
     runs = [
         ("shop", "stock"),
         ("shop", "sold_out"),
@@ -254,16 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = {tuple(pair.split(":")) for pair in args.only.split(",")}
         runs = [r for r in runs if r in wanted]
-    for app in dict.fromkeys(a for a, _ in runs):
-        proc = start(app, args.port, args.workers, env)
-        try:
-            wait_ready(args.port)
-            for _, phase in [r for r in runs if r[0] == app]:
-                if app in ("shop", "bare_evalsha"):
-                    sale = plan[(app, phase)]
-                    rows = shoppers[(app, phase)]
-                    path = f"/api/v1/flash-sales/{sale.id}/items/{sale.item_id}/orders"
-                    if phase == "sold_out":  # sell the one unit first
+    sold_first: set[str] = set()
+    for _ in range(args.rounds):
+        for app in dict.fromkeys(a for a, _ in runs):
+            proc = start(app, args.port, args.workers, env)
+            try:
+                wait_ready(args.port)
+                for _, phase in [r for r in runs if r[0] == app]:
+                    path, rows = _target(app, phase, plan, shoppers)
+                    if phase == "sold_out" and app in ("shop", "bare_evalsha") and app not in sold_first:
+                        sold_first.add(app)  # sell the one unit first
                         first = rows[0]
                         httpx.post(
                             f"http://127.0.0.1:{args.port}{path}",
@@ -271,30 +312,21 @@ def main(argv: list[str] | None = None) -> int:
                             headers={"Authorization": f"Bearer {first[1]}", "X-Bench-User": str(first[0])},
                             timeout=10,
                         )
-                else:
-                    rows = shoppers[("shop", phase)]
-                    path = f"/api/v1/flash-sales/1/items/{1 if phase == 'stock' else 2}/orders"
-                file = tmp / f"{app}_{phase}.txt"
-                write_shoppers(rows, file)
-                results[(app, phase)] = wrk(args.port, path, file, args)
-                r = results[(app, phase)]
-                cpu = "  ".join(f"{g} {us:.0f}" for g, us in sorted(r["cpu_us"].items()))
-                print(
-                    f"{app:17s} {phase:8s} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:6.1f} ms  "
-                    f"requests {r['requests']}  non-2xx {r['non2xx']}  socket errors {r['errors']}  "
-                    f"CPU µs/request: {cpu}",
-                    flush=True,
-                )
-        finally:
-            stop(proc)
+                    file = tmp / f"{app}_{phase}.txt"
+                    write_shoppers(rows, file)
+                    r = wrk(args.port, path, file, args)
+                    results.setdefault((app, phase), []).append(r)
+                    cpu = "  ".join(f"{g} {us:.0f}" for g, us in sorted(r["cpu_us"].items()))
+                    print(
+                        f"{app:17s} {phase:8s} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:6.1f} ms  "
+                        f"requests {r['requests']}  non-2xx {r['non2xx']}  socket errors {r['errors']}  "
+                        f"CPU µs/request: {cpu}",
+                        flush=True,
+                    )
+            finally:
+                stop(proc)
     print()
-    print("| phase | app | req/s | p99 (ms) | non-2xx | shop ÷ app |")
-    print("|---|---|---|---|---|---|")
-    for app, phase in runs:
-        r = results[(app, phase)]
-        shop = results.get(("shop", phase))
-        ratio = f"{shop['rps'] / r['rps']:.2f}×" if shop else "-"
-        print(f"| {phase} | {app} | {r['rps']:.0f} | {r['p99_ms']:.1f} | {r['non2xx']} | {ratio} |")
+    print(summary(runs, results))
     return 0
 
 

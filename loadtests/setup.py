@@ -137,7 +137,7 @@ async def check_invariants(settings: Settings, sale: Sale, demand: int) -> Invar
     keys = Keys(settings.redis_prefix)
     try:
         orders, units = await conn.fetchrow(
-            "select count(*), coalesce(sum(qty), 0) from flash_sale_orders where flash_sale_id = $1", sale.id
+            "select count(*), coalesce(sum(qty), 0) from flash_sale_orders where item_id = $1", sale.item_id
         )
         sold_column = await conn.fetchval(
             f"select {SOLD} from flash_sale_items i where id = $1", sale.item_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -51,6 +52,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.redis = redis
             app.state.scripts = Scripts(redis)
             app.state.providers = build_providers(settings)
+            # What start-up made (modules, the app and its routes, the pools) lives as long as the
+            # process: the cyclic collector stops walking it on every full collection.
+            gc.collect()
+            gc.freeze()
             yield
         finally:
             await close_providers(getattr(app.state, "providers", {}))

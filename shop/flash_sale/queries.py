@@ -132,8 +132,10 @@ async def sale_stats(conn: asyncpg.Connection, sale_id: int) -> asyncpg.Record:
                   count(*) filter (where o.status = any($2::text[])) as paid_orders,
                   coalesce(sum(o.paid_amount) filter (where o.status = any($2::text[])), 0)::bigint as gmv,
                   count(distinct o.user_id) filter (where o.status <> 'cancelled') as buyers
-           from flash_sale_orders f join orders o on o.id = f.order_id
-           where f.flash_sale_id = $1""",
+           from flash_sale_items i
+           join flash_sale_orders f on f.item_id = i.id
+           join orders o on o.id = f.order_id
+           where i.flash_sale_id = $1""",
         sale_id,
         PAID_ORDER_STATES,
     )
@@ -141,8 +143,11 @@ async def sale_stats(conn: asyncpg.Connection, sale_id: int) -> asyncpg.Record:
 
 async def paid_units(conn: asyncpg.Connection, sale_id: int) -> dict[int, int]:
     rows = await conn.fetch(
-        """select f.item_id, sum(f.qty)::int as n from flash_sale_orders f join orders o on o.id = f.order_id
-           where f.flash_sale_id = $1 and o.status = any($2::text[]) group by f.item_id""",
+        """select f.item_id, sum(f.qty)::int as n
+           from flash_sale_items i
+           join flash_sale_orders f on f.item_id = i.id
+           join orders o on o.id = f.order_id
+           where i.flash_sale_id = $1 and o.status = any($2::text[]) group by f.item_id""",
         sale_id,
         PAID_ORDER_STATES,
     )

@@ -28,6 +28,9 @@ class GroupCommitter:
     meanwhile waits and goes as the next batch the moment one finishes. Under a crowd the
     batches grow by themselves (fewer, larger transactions: less PostgreSQL work per row and
     fewer commits to flush), and when it is quiet a lone write waits at most `max_wait`.
+    One batch in flight per process is the default: every API process has its own committer, so
+    PostgreSQL already gets several batches at once, and with two per process the batches were
+    half as large and cost PostgreSQL ~15% more CPU per row (BENCHMARKS.md).
     `single_statement`: the persister runs one statement, atomic by itself, so no BEGIN/COMMIT.
     """
 
@@ -38,7 +41,7 @@ class GroupCommitter:
         *,
         max_batch: int = 100,
         max_wait: float = 0.002,
-        max_inflight: int = 2,
+        max_inflight: int = 1,
         single_statement: bool = False,
     ):
         self.pool = pool
