@@ -958,6 +958,8 @@ ADDRESS_SNAPSHOT = """coalesce(
 
 _ORDER_COLUMNS = [c.strip() for c in ORDER_FIELDS.split(",")]
 _LINE_COLUMNS = list(OrderLineOut.__struct_fields__)
+if OrderOut.__struct_fields__[: len(_ORDER_COLUMNS)] != tuple(_ORDER_COLUMNS):  # built by position below
+    raise RuntimeError("ORDER_FIELDS must list OrderOut's fields in their order")
 PERSIST = f"""
 with links as (
     insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at,
@@ -978,7 +980,8 @@ with links as (
         shipping_fee, payable_amount, address, pay_deadline)
     overriding system value
     select n.order_id,
-           to_char(now() at time zone $8, 'YYYYMMDDHH24MISS')
+           -- the store-local time part once per statement (an InitPlan), not once per row
+           (select to_char(now() at time zone $8, 'YYYYMMDDHH24MISS'))
                || lpad((nextval('business_no_seq') % 1000000)::text, 6, '0') || floor(random() * 10)::int::text,
            n.user_id, 'flash_sale', n.flash_sale_id, n.amount, 0, fee.amount, n.amount + fee.amount,
            {ADDRESS_SNAPSHOT},
@@ -1025,16 +1028,14 @@ async def persist_flash_orders(
         [e.payload.get("a") for e in entries],
         _TIMEZONE["name"],
     )
-    if not rows:
-        return {}
-    return {
-        row["reservation_id"]: OrderOut(
-            **{f: row[f] for f in _ORDER_COLUMNS},
-            lines=[OrderLineOut(**{f: row[f"line_{f}"] for f in _LINE_COLUMNS})],
-            shipments=[],
-        )
-        for row in rows
-    }
+    # Each row is the order's fields in OrderOut's order, the reservation id, then the line's
+    # fields in OrderLineOut's order (PERSIST's final select): built positionally.
+    n = len(_ORDER_COLUMNS)
+    out = {}
+    for row in rows:
+        values = tuple(row)
+        out[values[n]] = OrderOut(*values[:n], [OrderLineOut(*values[n + 1 :])], [])
+    return out
 
 
 # The store's time zone for order numbers: the persister gets only a connection, so the API and

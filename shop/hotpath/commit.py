@@ -68,8 +68,9 @@ class GroupCommitter:
             self._flush_now()
         elif self._timer is None and len(self._flushes) < self.max_inflight:
             self._timer = loop.call_later(self.max_wait, self._flush_now)
-        # A request that goes away does not cancel the batch its row belongs to.
-        return await asyncio.shield(future)
+        # A request that goes away cancels only its own future (no shield needed): the batch its
+        # row belongs to is a task of its own, and it skips futures that are done.
+        return await future
 
     def _flush_now(self) -> None:
         if self._timer is not None:
@@ -144,7 +145,8 @@ class ScriptPipeliner:
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush_now)
-        return await asyncio.shield(future)
+        # A caller that goes away cancels only its own future; the batch skips futures that are done.
+        return await future
 
     async def aclose(self) -> None:
         self._idle = []
@@ -158,7 +160,7 @@ class ScriptPipeliner:
         while self._idle:
             conn = self._idle.pop()
             try:
-                if conn.is_connected and not await conn.can_read_destructive():
+                if conn.is_connected and not await conn.can_read():
                     return conn
             except (ConnectionError, OSError):
                 pass
