@@ -88,6 +88,13 @@ class GroupCommitter:
         if self._waiting:
             self._flush_now()
 
+    def _next_batch(self) -> None:
+        """This batch's statement is done: the next batch goes now, before this one's waiters are
+        woken, so PostgreSQL writes it while they answer (otherwise it idles for that time)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._finished(task)
+
     async def _flush(self, batch: list[tuple[Reservation, asyncio.Future]]) -> None:
         try:
             # One client-side limit per batch (PostgreSQL enforces statement_timeout itself; this
@@ -103,10 +110,12 @@ class GroupCommitter:
                 future.cancel()
             raise
         except Exception as exc:
+            self._next_batch()
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
         else:
+            self._next_batch()
             results = results if isinstance(results, dict) else {}
             for reservation, future in batch:
                 if not future.done():

@@ -86,6 +86,37 @@ async def test_group_commit_failure_reaches_every_waiter(app, client):
     assert len(results) == 5 and all(type(r).__name__ == "DivisionByZeroError" for r in results)
 
 
+async def test_the_next_batch_is_written_before_the_last_batch_answers(app, client):
+    """One batch in flight: the rows that arrived meanwhile go to PostgreSQL the moment the
+    statement is done, not after its waiters have answered (PostgreSQL would idle meanwhile)."""
+    release, started = asyncio.Event(), asyncio.Event()
+    written: list[list[str]] = []
+
+    async def persist(conn, entries):
+        written.append([e.id for e in entries])
+        started.set()
+        await conn.execute("select 1")
+        if len(written) == 1:
+            await release.wait()
+
+    committer = GroupCommitter(app.state.pool, persist, max_wait=0.001)
+
+    async def write_and_look(reservation):
+        await committer.write(reservation)
+        return list(committer._waiting), len(committer._flushes)
+
+    first = asyncio.create_task(write_and_look(Reservation("a", 1)))
+    await started.wait()
+    later = [asyncio.create_task(committer.write(Reservation(rid, 1))) for rid in ("b", "c")]
+    await asyncio.sleep(0.01)
+    assert written == [["a"]]  # one batch in flight: b and c wait
+    release.set()
+    # When the first waiter wakes, b and c are already a batch in flight.
+    assert await first == ([], 1)
+    await asyncio.gather(*later)
+    assert written == [["a"], ["b", "c"]]
+
+
 async def test_worker_persists_a_reservation_the_api_died_on_exactly_once(
     app, client, db, admin_headers, make_user
 ):
