@@ -7,7 +7,9 @@
 -- What the checks guarded is kept by construction:
 -- * the link, the order, its line and its event are inserted by one statement, which joins the
 --   item, the sale, the SKU and the product, so a missing row means no insert;
--- * users and SKUs are never deleted, and an item cannot be removed once its sale has begun;
+-- * users and SKUs are never deleted, and an item cannot be removed once it has sold: the edit
+--   that removes it asks Redis first, atomically with the purchase script
+--   (flash_warm_item.lua, mode 'remove'), so an edit that commits after the start is refused;
 -- * orders are never deleted.
 -- Unique keys and CHECKs stay: they are what a race could break.
 alter table flash_sale_orders

@@ -373,8 +373,11 @@ async def update_sale(
             raise Conflict(
                 f"A flash sale that is {old['status']} cannot be edited", code="flash_sale.illegal_transition"
             )
+        # The clock now, not the transaction's start (now()); Redis refuses to remove an item
+        # that sold meanwhile (_apply_redis_edit), so an edit that commits after the start
+        # cannot orphan orders.
         if old["status"] == "published" and await conn.fetchval(
-            "select now() >= $1::timestamptz", old["starts_at"]
+            "select clock_timestamp() >= $1::timestamptz", old["starts_at"]
         ):
             raise Conflict("The flash sale has started: its rules are fixed", code="flash_sale.started")
         await _check_skus(conn, data)
@@ -424,9 +427,13 @@ async def update_sale(
 async def _apply_redis_edit(conn, redis, scripts, keys: Keys, row, steps) -> None:
     sale_id = row["id"]
     rebuild = False
-    for action, _sku_id, extra in steps:
+    # Removals last: a refusal raised by an earlier step rolls back PostgreSQL before any item's
+    # keys are gone from Redis.
+    for action, _sku_id, extra in sorted(steps, key=lambda step: step[0] == "remove"):
         if action == "remove":
-            await redis.delete(keys.flash_item(sale_id, extra), keys.flash_bought(sale_id, extra))
+            reply = await scripts.flash_warm_item(keys=_item_keys(keys, sale_id, extra), args=["remove"])
+            if reply[0] == "sold":
+                raise Conflict("An item with orders cannot be removed", code="flash_sale.item_sold")
         elif action == "add":
             rebuild = True
         else:

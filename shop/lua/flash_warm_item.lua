@@ -5,6 +5,7 @@
 -- KEYS[3] {fs:E}:stream     the event's reservation stream
 -- KEYS[4] {fs:E}:returned:I hash: return id -> 1 (this item's returns applied)
 -- ARGV[1] mode: 'config' moves `remaining` by a quota change (an edit before the start);
+--         'remove' deletes the item's keys unless it has sold (an edit before the start);
 --         'rebuild' sets the counters from PostgreSQL
 -- ARGV[2] config: quota delta | rebuild: remaining in PostgreSQL (quota - sold), counted after
 --         persisting the stream up to entry ARGV[6]
@@ -16,7 +17,8 @@
 -- meanwhile), so a rebuild never lets `remaining` rise above the truth.
 --
 -- Returns {'ok', remaining} | {'cold'} (config mode and no state: rebuild instead) |
--- {'below_sold', remaining} (config mode: the quota cannot drop below what is sold)
+-- {'below_sold', remaining} (config mode: the quota cannot drop below what is sold) |
+-- {'sold', remaining} (remove mode: a purchase got there first; nothing is deleted)
 
 if ARGV[1] == 'config' then
   local remaining = redis.call('HGET', KEYS[1], 'remaining')
@@ -29,6 +31,17 @@ if ARGV[1] == 'config' then
   end
   redis.call('HSET', KEYS[1], 'remaining', remaining, 'limit', ARGV[3], 'price', ARGV[4], 'quota', ARGV[5])
   return {'ok', remaining}
+end
+
+if ARGV[1] == 'remove' then
+  -- Atomic with the purchase script: once the keys are gone no purchase of the item can succeed,
+  -- and one that succeeded before shows here (an edit that began just before the start).
+  local item = redis.call('HMGET', KEYS[1], 'remaining', 'quota')
+  if (item[1] and tonumber(item[1]) ~= tonumber(item[2])) or redis.call('EXISTS', KEYS[2]) == 1 then
+    return {'sold', tonumber(item[1]) or 0}
+  end
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+  return {'ok', 0}
 end
 
 local remaining = tonumber(ARGV[2])
