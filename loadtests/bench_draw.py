@@ -15,7 +15,6 @@ benchmark measures the API alone. Prints a Markdown table with req/s, p99 and th
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from litestar import Litestar, Request, Response, post
 
 from games import admin, engine
 from games.schemas import DrawIn, GameIn, PrizeIn
-from loadtests.bench_flash import HERE, bench_arguments, start, stop, wait_ready, wrk
+from loadtests.bench_flash import HERE, bench_arguments, server_env, start, stop, wait_ready, wrk
 from loadtests.reference.apps import redis_lifespan
 from shop.auth_tokens import AUD_SHOPPER, issue_access_token
 from shop.db import connect
@@ -149,14 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = with_default_urls(load_settings())
     games, shoppers = asyncio.run(prepare(settings, args.users))
-    env = {
-        **os.environ,
-        "SHOP_DATABASE_URL": settings.database_url,
-        "SHOP_REDIS_URL": settings.redis_url,
-        "SHOP_REDIS_PREFIX": settings.redis_prefix,
-        "SHOP_LOG_REQUESTS": "false",
-        "SHOP_LOG_LEVEL": "WARNING",
-    }
+    env = server_env(settings)
     file = Path(tempfile.mkdtemp(prefix="bench_draw_")) / "shoppers.txt"
     file.write_text("".join(f"{uid}|{jwt}\n" for uid, jwt in shoppers))
     results: dict[str, list[dict]] = {app: [] for app in APPS}

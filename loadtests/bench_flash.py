@@ -137,6 +137,18 @@ def wrk(port: int, path: str, shoppers: Path, args, script: Path = HERE / "wrk" 
     }
 
 
+def server_env(settings) -> dict[str, str]:
+    """The environment every benchmarked server runs with: the same stores, no request log."""
+    return {
+        **os.environ,
+        "SHOP_DATABASE_URL": settings.database_url,
+        "SHOP_REDIS_URL": settings.redis_url,
+        "SHOP_REDIS_PREFIX": settings.redis_prefix,
+        "SHOP_LOG_REQUESTS": "false",
+        "SHOP_LOG_LEVEL": "WARNING",
+    }
+
+
 def cpu_by_process() -> dict[int, tuple[float, str]]:
     """pid -> (CPU seconds used so far, process group) for the processes a run involves."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -273,14 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = with_default_urls(load_settings())
     prepared = asyncio.run(prepare(settings, args.users))
     plan, shoppers = prepared["plan"], prepared["shoppers"]
-    env = {
-        **os.environ,
-        "SHOP_DATABASE_URL": settings.database_url,
-        "SHOP_REDIS_URL": settings.redis_url,
-        "SHOP_REDIS_PREFIX": settings.redis_prefix,
-        "SHOP_LOG_REQUESTS": "false",
-        "SHOP_LOG_LEVEL": "WARNING",
-    }
+    env = server_env(settings)
     tmp = Path(tempfile.mkdtemp(prefix="bench_flash_"))
     results: dict[tuple[str, str], list[dict]] = {}
     runs = [

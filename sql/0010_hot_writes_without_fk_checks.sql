@@ -1,6 +1,7 @@
 -- The rows written for every flash-sale winner carry no foreign-key checks and two fewer index
--- entries. Measured on the winners' one-statement batch (24 orders, two connections): about
--- 180 µs of PostgreSQL CPU per order with the checks, about 75 µs without them. Each check is a
+-- entries. Measured on the winners' one-statement batch (loadtests/bench_persist: 24 orders,
+-- two connections): 120–144 µs of PostgreSQL CPU per order with the checks, 74–82 µs without
+-- them (BENCHMARKS.md). Each check is a
 -- `SELECT … FOR KEY SHARE` per row. The ones on the sale, its item and the SKU lock the same row
 -- for every order, so two batches in flight share those locks as MultiXacts.
 --
