@@ -141,6 +141,8 @@ class ScriptPipeliner:
     def __init__(self, redis: aioredis.Redis, *, max_batch: int = 128) -> None:
         self.redis = redis
         self.max_batch = max_batch
+        # The client's socket timeout (redis-py's default is 5 s), for a whole batch's round trip.
+        self.timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
         self._waiting: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task] = set()
@@ -174,7 +176,10 @@ class ScriptPipeliner:
             except (ConnectionError, OSError):
                 pass
             await self._discard(conn)
-        conn = self.redis.connection_pool.make_connection()
+        pool = self.redis.connection_pool
+        # Ours without redis-py's per-command socket timeout (an asyncio timeout around every
+        # reply, a task per send): one deadline bounds the whole round trip (_roundtrip).
+        conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         self._open.add(conn)
         return conn
 
@@ -198,19 +203,20 @@ class ScriptPipeliner:
         A failure after the send fails the whole batch and is not retried: whether the scripts
         ran cannot be known (a winner's reservation is in the stream either way, and the worker
         persists it)."""
-        conn = await self._connection()
         packed = _pack([("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
-        try:
-            await conn.send_packed_command(packed, check_health=False)
-            replies: list[Any] = []
-            for _ in batch:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            await self._discard(conn)
-            raise
+        async with asyncio.timeout(self.timeout):
+            conn = await self._connection()
+            try:
+                await conn.send_packed_command(packed, check_health=False)
+                replies: list[Any] = []
+                for _ in batch:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                await self._discard(conn)
+                raise
         if len(self._idle) < self.MAX_IDLE:
             self._idle.append(conn)
         else:

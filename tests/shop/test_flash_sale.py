@@ -6,7 +6,11 @@ import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from shop.flash_sale.service import make_token
+import msgspec
+import pytest
+
+from shop.errors import ShopError
+from shop.flash_sale.service import make_token, verify_token
 from shop.keys import Keys
 from tests.factories import make_address, make_product, stock_of
 from tests.shop.test_coupons import code_of, many_users
@@ -236,6 +240,28 @@ async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, 
     assert [i["sku_id"] for i in r.json()["items"]] == [first["sku_id"]]
     assert await stock_of(db, second_sku) == 50
     assert not await app.state.redis.exists(keys.flash_item(sale["id"], item["id"]))
+
+
+def test_a_remembered_purchase_token_still_expires_and_binds_shopper_event_and_key(settings):
+    """Checked tokens are remembered per process (no HMAC per retry): the memory must not widen
+    what a token is good for."""
+    expires = int(datetime.now(UTC).timestamp()) + 60
+    token = make_token(settings, 7, 3, expires)
+    verify_token(settings, token, 7, 3)
+    verify_token(settings, token, 7, 3)  # remembered
+    for user_id, sale_id in ((8, 3), (7, 4)):
+        with pytest.raises(ShopError) as refused:
+            verify_token(settings, token, user_id, sale_id)
+        assert refused.value.code == "flash_sale.token_invalid"
+    with pytest.raises(ShopError) as refused:
+        verify_token(settings, token, 7, 3, now=expires)
+    assert refused.value.code == "flash_sale.token_expired"
+    rotated = msgspec.structs.replace(
+        settings, flash_token_secret="another-secret-of-enough-length-0123456789"
+    )
+    with pytest.raises(ShopError) as refused:
+        verify_token(rotated, token, 7, 3)
+    assert refused.value.code == "flash_sale.token_invalid"
 
 
 async def test_window_token_and_refusal_codes(client, app, db, settings, admin_headers, make_user):

@@ -223,3 +223,38 @@ async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
         await pipeliner.aclose()
         await redis.aclose()
     assert pipeliner._open == set()
+
+
+async def test_a_pipeline_to_a_server_that_never_answers_fails_at_the_clients_timeout():
+    """The pipeliner's connections have no per-command timeout: one deadline (the client's socket
+    timeout) bounds each batch's round trip, so callers get an error instead of waiting forever."""
+    import redis.asyncio as aioredis
+
+    from shop.hotpath.commit import ScriptPipeliner
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    redis = aioredis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=0.3, decode_responses=True)
+    script = redis.register_script("return 1")
+    pipeliner = ScriptPipeliner(redis)
+    started = asyncio.get_running_loop().time()
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pipeliner.call(script, [], [str(i)]) for i in range(3)), return_exceptions=True),
+            timeout=10,
+        )
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        assert asyncio.get_running_loop().time() - started < 5
+        assert accepted and pipeliner._idle == []
+    finally:
+        await pipeliner.aclose()
+        await redis.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
