@@ -12,7 +12,6 @@ import bisect
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_mp
 
+from shop.randomness import random_hex
 from shop.settings import Settings
 
 log = logging.getLogger("shop.request")
@@ -141,7 +141,7 @@ def observability_middleware(settings: Settings):
                 return
             incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode())
             request_id = (
-                incoming.decode("latin-1")[:64] if incoming and incoming.isascii() else secrets.token_hex(8)
+                incoming.decode("latin-1")[:64] if incoming and incoming.isascii() else random_hex(16)
             )
             scope.setdefault("state", {})["request_id"] = request_id
             status = 500
