@@ -120,7 +120,7 @@ def serve(host: str, port: int, workers: int, settings: Settings | None = None) 
 
     settings = settings or _settings()
     _run(_refuse_unmigrated(settings))  # fail fast here, not once in every worker process
-    # Workers are spawned processes: they read settings from the environment.
+    # Each worker process builds its app from the environment (create_app reads SHOP_*).
     os.environ["SHOP_DATABASE_URL"] = settings.database_url
     os.environ["SHOP_REDIS_URL"] = settings.redis_url
     metrics_dir = prepare_metrics_dir(settings.data_dir)

@@ -13,8 +13,8 @@ LUA_DIRS = [Path(__file__).parent / "lua", Path(__file__).parent.parent / "games
 
 def create_redis(url: str) -> aioredis.Redis:
     # hiredis parses replies when installed. redis-py's default 5 s socket timeout stays for
-    # ordinary commands; the hot path's script pipeline sets one deadline per batch instead
-    # (shop/hotpath/commit.py: the per-command wrapper costs ~8% CPU per command).
+    # ordinary commands and for Cluster clients; the hot path's script pipeline applies it once per
+    # batch instead (shop/hotpath/commit.py: the per-command wrapper costs ~8% CPU per command).
     if url.startswith("redis+cluster://"):
         from redis.asyncio.cluster import RedisCluster
 

@@ -686,8 +686,12 @@ def verify_token(
     expires = _VALID_TOKENS.get(cache_key)
     if expires is None:
         expires_text, _, signature = token.partition(".")
-        if not expires_text.isdigit() or not hmac.compare_digest(
-            signature, _sign(key, user_id, sale_id, int(expires_text))
+        # Only the spelling make_token writes (ASCII digits, no leading zero): another spelling of
+        # the same expiry would pass the HMAC and be remembered as another token.
+        if (
+            not (expires_text.isascii() and expires_text.isdigit() and signature.isascii())
+            or expires_text != str(int(expires_text))
+            or not hmac.compare_digest(signature, _sign(key, user_id, sale_id, int(expires_text)))
         ):
             raise Forbidden("Invalid purchase token", code="flash_sale.token_invalid")
         expires = int(expires_text)

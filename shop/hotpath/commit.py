@@ -141,8 +141,11 @@ class ScriptPipeliner:
     def __init__(self, redis: aioredis.Redis, *, max_batch: int = 128) -> None:
         self.redis = redis
         self.max_batch = max_batch
-        # The client's socket timeout (redis-py's default is 5 s), for a whole batch's round trip.
-        self.timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        # The client's socket timeout bounds a whole batch's round trip (connect, send, every reply):
+        # as its connections would get it (redis-py's default, 5 s, is the connection's, not the
+        # pool's; making the object does not connect).
+        pool = redis.connection_pool
+        self.timeout: float | None = pool.connection_class(**pool.connection_kwargs).socket_timeout
         self._waiting: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task] = set()
@@ -175,6 +178,9 @@ class ScriptPipeliner:
                     return conn
             except (ConnectionError, OSError):
                 pass
+            except BaseException:  # the batch's deadline, or a cancellation: not kept half-checked
+                await self._discard(conn)
+                raise
             await self._discard(conn)
         pool = self.redis.connection_pool
         # Ours without redis-py's per-command socket timeout (an asyncio timeout around every

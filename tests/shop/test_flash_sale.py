@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from shop.errors import ShopError
+from shop.flash_sale import service
 from shop.flash_sale.service import make_token, verify_token
 from shop.keys import Keys
 from tests.factories import make_address, make_product, stock_of
@@ -256,6 +257,19 @@ def test_a_remembered_purchase_token_still_expires_and_binds_shopper_event_and_k
     with pytest.raises(ShopError) as refused:
         verify_token(settings, token, 7, 3, now=expires)
     assert refused.value.code == "flash_sale.token_expired"
+    signature = token.partition(".")[2]
+    respelled = [  # the same expiry and signature, spelled otherwise: refused, never remembered
+        f"0{expires}.{signature}",
+        f"{str(expires).translate(str.maketrans('0123456789', '٠١٢٣٤٥٦٧٨٩'))}.{signature}",
+        f"{expires}².{signature}",
+        f"{expires}.{signature[:-1]}é",
+    ]
+    remembered = len(service._VALID_TOKENS)
+    for other in respelled:
+        with pytest.raises(ShopError) as refused:
+            verify_token(settings, other, 7, 3)
+        assert refused.value.code == "flash_sale.token_invalid", other
+    assert len(service._VALID_TOKENS) == remembered
     rotated = msgspec.structs.replace(
         settings, flash_token_secret="another-secret-of-enough-length-0123456789"
     )

@@ -258,3 +258,18 @@ async def test_a_pipeline_to_a_server_that_never_answers_fails_at_the_clients_ti
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_pipeline_deadline_is_the_clients_default_socket_timeout(settings):
+    """The app's client sets no socket timeout itself: redis-py's default (a connection's, not in
+    the pool's settings) must still bound the pipeliner's batches."""
+    from shop.hotpath.commit import ScriptPipeliner
+    from shop.redis import create_redis
+
+    redis = create_redis(settings.redis_url)
+    try:
+        default = redis.connection_pool.make_connection().socket_timeout
+        assert default is not None and default > 0
+        assert ScriptPipeliner(redis).timeout == default
+    finally:
+        await redis.aclose()

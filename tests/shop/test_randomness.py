@@ -25,6 +25,6 @@ def test_a_forked_worker_does_not_repeat_its_parents_digits():
 
 
 def test_digits_are_hex_and_do_not_repeat():
-    taken = [random_hex(10) for _ in range(5000)]  # spans several refills
-    assert all(len(t) == 10 and int(t, 16) >= 0 for t in taken)
+    taken = [random_hex(16) for _ in range(2000)]  # spans several refills
+    assert all(len(t) == 16 and int(t, 16) >= 0 for t in taken)
     assert len(set(taken)) == len(taken)
