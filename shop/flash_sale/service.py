@@ -365,62 +365,78 @@ async def update_sale(
 ) -> FlashSaleOut:
     """Edit (the whole form) until the start; a published event's quota changes move SKU stock and Redis together."""
     check_sale(data)
-    async with conn.transaction():
-        old = await queries.fetch_sale(conn, sale_id, lock=True)
-        if old is None:
-            raise NotFound("Flash sale not found", code="flash_sale.not_found")
-        if old["status"] not in ("draft", "published"):
-            raise Conflict(
-                f"A flash sale that is {old['status']} cannot be edited", code="flash_sale.illegal_transition"
-            )
-        # The clock now, not the transaction's start (now()); Redis refuses to remove an item
-        # that sold meanwhile (_apply_redis_edit), so an edit that commits after the start
-        # cannot orphan orders.
-        if old["status"] == "published" and await conn.fetchval(
-            "select clock_timestamp() >= $1::timestamptz", old["starts_at"]
-        ):
-            raise Conflict("The flash sale has started: its rules are fixed", code="flash_sale.started")
-        await _check_skus(conn, data)
-        row = await conn.fetchrow(
-            f"""update flash_sales set ({", ".join(SALE_COLUMNS)}, updated_at) = ($2, $3, $4, $5, $6, $7, $8, now())
-                where id = $1 returning {queries.SALE_FIELDS}""",
-            sale_id,
-            *[getattr(data, c) for c in SALE_COLUMNS],
-        )
-        old_items = {i["sku_id"]: i for i in await queries.fetch_items(conn, [sale_id])}
-        new_items = {i.sku_id: i for i in data.items}
-        live = old["status"] == "published"
-        redis_steps: list[tuple[str, int, Any]] = []
-        for sku_id in sorted(set(old_items) | set(new_items)):
-            before, after = old_items.get(sku_id), new_items.get(sku_id)
-            delta = (after.quota if after else 0) - (before["quota"] if before else 0)
-            if live:
-                await _move_stock(conn, sale_id, sku_id, delta, admin_id)
-            if before is None:
-                await _insert_items(conn, sale_id, [after])
-                redis_steps.append(("add", sku_id, None))
-            elif after is None:
-                if before["sold"]:
-                    raise Conflict("An item with orders cannot be removed", code="flash_sale.item_sold")
-                await conn.execute("delete from flash_sale_items where id = $1", before["id"])
-                redis_steps.append(("remove", sku_id, before["id"]))
-            else:
-                updated = await conn.fetchval(
-                    f"""update flash_sale_items i set flash_price = $2, quota = $3, per_user_limit = $4
-                        where id = $1 and {queries.SOLD} <= $3 returning id""",
-                    before["id"],
-                    after.flash_price,
-                    after.quota,
-                    after.per_user_limit,
+    redis_edited = False  # once the edit's Redis steps begin
+    try:
+        async with conn.transaction():
+            old = await queries.fetch_sale(conn, sale_id, lock=True)
+            if old is None:
+                raise NotFound("Flash sale not found", code="flash_sale.not_found")
+            if old["status"] not in ("draft", "published"):
+                raise Conflict(
+                    f"A flash sale that is {old['status']} cannot be edited",
+                    code="flash_sale.illegal_transition",
                 )
-                if updated is None:
-                    raise Conflict(
-                        "The quota cannot drop below what is sold", code="flash_sale.quota_below_sold"
+            # The clock now, not the transaction's start (now()); Redis refuses to remove an item
+            # that sold meanwhile (_apply_redis_edit), so an edit that commits after the start
+            # cannot orphan orders.
+            if old["status"] == "published" and await conn.fetchval(
+                "select clock_timestamp() >= $1::timestamptz", old["starts_at"]
+            ):
+                raise Conflict("The flash sale has started: its rules are fixed", code="flash_sale.started")
+            await _check_skus(conn, data)
+            row = await conn.fetchrow(
+                f"""update flash_sales set ({", ".join(SALE_COLUMNS)}, updated_at) = ($2, $3, $4, $5, $6, $7, $8, now())
+                    where id = $1 returning {queries.SALE_FIELDS}""",
+                sale_id,
+                *[getattr(data, c) for c in SALE_COLUMNS],
+            )
+            old_items = {i["sku_id"]: i for i in await queries.fetch_items(conn, [sale_id])}
+            new_items = {i.sku_id: i for i in data.items}
+            live = old["status"] == "published"
+            redis_steps: list[tuple[str, int, Any]] = []
+            for sku_id in sorted(set(old_items) | set(new_items)):
+                before, after = old_items.get(sku_id), new_items.get(sku_id)
+                delta = (after.quota if after else 0) - (before["quota"] if before else 0)
+                if live:
+                    await _move_stock(conn, sale_id, sku_id, delta, admin_id)
+                if before is None:
+                    await _insert_items(conn, sale_id, [after])
+                    redis_steps.append(("add", sku_id, None))
+                elif after is None:
+                    if before["sold"]:
+                        raise Conflict("An item with orders cannot be removed", code="flash_sale.item_sold")
+                    await conn.execute("delete from flash_sale_items where id = $1", before["id"])
+                    redis_steps.append(("remove", sku_id, before["id"]))
+                else:
+                    updated = await conn.fetchval(
+                        f"""update flash_sale_items i set flash_price = $2, quota = $3, per_user_limit = $4
+                            where id = $1 and {queries.SOLD} <= $3 returning id""",
+                        before["id"],
+                        after.flash_price,
+                        after.quota,
+                        after.per_user_limit,
                     )
-                redis_steps.append(("config", sku_id, (before["id"], delta, after)))
-        if live:
-            # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
-            await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
+                    if updated is None:
+                        raise Conflict(
+                            "The quota cannot drop below what is sold", code="flash_sale.quota_below_sold"
+                        )
+                    redis_steps.append(("config", sku_id, (before["id"], delta, after)))
+            if live:
+                # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
+                redis_edited = True
+                await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
+    except Exception:
+        if redis_edited:
+            # PostgreSQL rolled the edit back, but Redis may hold part of it (a quota already
+            # raised, an item already gone): rewrite the event in Redis from PostgreSQL, as
+            # `shop reconcile --fix` would, so Redis never sells what PostgreSQL did not set aside.
+            try:
+                await rebuild_sale(conn, redis, scripts, keys, sale_id)
+            except Exception:
+                log.exception(
+                    "flash sale %s: Redis not restored after a failed edit; run shop reconcile --fix", sale_id
+                )
+        raise
     return await load_sale(conn, redis, keys, sale_id)
 
 

@@ -210,9 +210,10 @@ async def test_edit_until_start_moves_quota_in_postgresql_and_redis(client, app,
     assert r.status_code == 409 and code_of(r) == "flash_sale.started"
 
 
-async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, admin_headers):
+async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, admin_headers, make_user):
     """An edit that began just before the start and commits after it: Redis, which sells the
-    item, refuses to let it go, so no order can be left without its item."""
+    item, refuses to let it go, so no order can be left without its item. The part of the edit
+    Redis had already taken (another item's raised quota) does not outlive the refusal."""
     sale = await make_sale(client, admin_headers, db, quota=20, stock=100, starts={"minutes": 10})
     _, (second_sku,) = await make_product(db, skus=[(9900, 50)])
     first = {k: sale["items"][0][k] for k in ("sku_id", "flash_price", "quota", "per_user_limit")}
@@ -224,23 +225,51 @@ async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, 
     assert r.status_code == 200, r.text
     sale = r.json()
     item = next(i for i in sale["items"] if i["sku_id"] == second_sku)
-    # What a winner's script call does, racing the edit (PostgreSQL has no order yet).
+    first_item = next(i for i in sale["items"] if i["sku_id"] == first["sku_id"])
+    first_stock = await stock_of(db, first["sku_id"])
+    # What a winner's script call does, racing the edit (PostgreSQL has no order yet): the unit
+    # taken, the shopper counted, the reservation in the event's stream.
     keys = Keys(app.state.settings.redis_prefix)
-    await app.state.redis.hincrby(keys.flash_item(sale["id"], item["id"]), "remaining", -1)
-    await app.state.redis.hset(keys.flash_bought(sale["id"], item["id"]), "4242", 1)
-    r = await client.put(f"{ADMIN}/{sale['id']}", json={**body, "items": [first]}, headers=admin_headers)
+    redis = app.state.redis
+    user_id, _ = await make_user()
+    address_id = await make_address(db, user_id)
+    payload = {
+        "e": sale["id"],
+        "i": item["id"],
+        "q": 1,
+        "a": address_id,
+        "at": int(datetime.now(UTC).timestamp() * 1000),
+    }
+    await redis.hincrby(keys.flash_item(sale["id"], item["id"]), "remaining", -1)
+    await redis.hset(keys.flash_bought(sale["id"], item["id"]), str(user_id), 1)
+    await redis.xadd(
+        keys.flash_stream(sale["id"]),
+        {
+            "rid": "RACED-WINNER",
+            "uid": user_id,
+            "p": msgspec.json.encode(payload).decode(),
+            "i": item["id"],
+            "q": 1,
+        },
+    )
+    raised = {**first, "quota": first["quota"] + 10}
+    r = await client.put(f"{ADMIN}/{sale['id']}", json={**body, "items": [raised]}, headers=admin_headers)
     assert r.status_code == 409 and code_of(r) == "flash_sale.item_sold"
     assert await db.fetchval("select count(*) from flash_sale_items where id = $1", item["id"]) == 1
     assert await stock_of(db, second_sku) == 40  # its quota is still set aside
-    assert int(await app.state.redis.hget(keys.flash_item(sale["id"], item["id"]), "remaining")) == 9
-    # Unsold, it goes: from PostgreSQL, from Redis, and its quota back to the SKU.
-    await app.state.redis.hincrby(keys.flash_item(sale["id"], item["id"]), "remaining", 1)
-    await app.state.redis.delete(keys.flash_bought(sale["id"], item["id"]))
-    r = await client.put(f"{ADMIN}/{sale['id']}", json={**body, "items": [first]}, headers=admin_headers)
-    assert r.status_code == 200, r.text
-    assert [i["sku_id"] for i in r.json()["items"]] == [first["sku_id"]]
-    assert await stock_of(db, second_sku) == 50
-    assert not await app.state.redis.exists(keys.flash_item(sale["id"], item["id"]))
+    assert int(await redis.hget(keys.flash_item(sale["id"], item["id"]), "remaining")) == 9
+    # The raised quota was rolled back in PostgreSQL, and in Redis too.
+    assert await stock_of(db, first["sku_id"]) == first_stock
+    assert await db.fetchval("select quota from flash_sale_items where id = $1", first_item["id"]) == 20
+    assert int(await redis.hget(keys.flash_item(sale["id"], first_item["id"]), "remaining")) == 20
+    # The raced winner's order is in PostgreSQL (Redis was rewritten from it, stream first).
+    assert (
+        await db.fetchval(
+            "select count(*) from flash_sale_orders where reservation_id = 'RACED-WINNER' and user_id = $1",
+            user_id,
+        )
+        == 1
+    )
 
 
 def test_a_remembered_purchase_token_still_expires_and_binds_shopper_event_and_key(settings):
