@@ -20,7 +20,8 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -320,6 +321,25 @@ async def rebuild_sale(
     await _mark_returns_done(conn, await _returns_to_redis(scripts, keys, late))
 
 
+_SALE_LOCK = "hashtextextended('flash_sale:' || $1::bigint, 0)"
+
+
+@asynccontextmanager
+async def sale_lock(conn: asyncpg.Connection, sale_id: int) -> AsyncIterator[None]:
+    """One writer of an event's rules and counters in Redis at a time: publishing, an edit
+    (including the rebuild after a failed one), settling and `shop reconcile --fix`. Each of them
+    reads PostgreSQL and then writes Redis; interleaved, a slower one could write back what the
+    other had just changed (an edit's lowered quota, a settled event's "ended"). A session-level
+    advisory lock, taken before any row lock, released when done (the pool's reset releases it
+    too, should the unlock not run)."""
+    await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
+    try:
+        yield
+    finally:
+        if not conn.is_closed():
+            await conn.execute(f"select pg_advisory_unlock({_SALE_LOCK})", sale_id)
+
+
 async def publish_sale(
     conn: asyncpg.Connection,
     redis: aioredis.Redis,
@@ -329,29 +349,30 @@ async def publish_sale(
     admin_id: int | None,
 ) -> FlashSaleOut:
     """draft -> published: quota out of SKU stock (guarded), then Redis warmed."""
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            """update flash_sales set status = 'published', published_at = now(), updated_at = now()
-               where id = $1 and status = 'draft' and ends_at > now() returning id""",
-            sale_id,
-        )
-        if row is None:
-            existing = await queries.fetch_sale(conn, sale_id)
-            if existing is None:
-                raise NotFound("Flash sale not found", code="flash_sale.not_found")
-            if existing["status"] == "draft":
-                raise Conflict("The flash sale's end is already past", code="flash_sale.ended")
-            raise Conflict(
-                f"Cannot publish a flash sale that is {existing['status']}",
-                code="flash_sale.illegal_transition",
+    async with sale_lock(conn, sale_id):
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                """update flash_sales set status = 'published', published_at = now(), updated_at = now()
+                   where id = $1 and status = 'draft' and ends_at > now() returning id""",
+                sale_id,
             )
-        items = await queries.fetch_items(conn, [sale_id])
-        for item in sorted(items, key=lambda i: i["sku_id"]):  # SKU-id order, like every stock writer
-            await _move_stock(conn, sale_id, item["sku_id"], item["quota"], admin_id)
-    # After the commit: Redis never sells units PostgreSQL has not set aside. If this fails,
-    # purchases answer 503 until `shop reconcile --fix` warms it.
-    await rebuild_sale(conn, redis, scripts, keys, sale_id)
-    return await load_sale(conn, redis, keys, sale_id)
+            if row is None:
+                existing = await queries.fetch_sale(conn, sale_id)
+                if existing is None:
+                    raise NotFound("Flash sale not found", code="flash_sale.not_found")
+                if existing["status"] == "draft":
+                    raise Conflict("The flash sale's end is already past", code="flash_sale.ended")
+                raise Conflict(
+                    f"Cannot publish a flash sale that is {existing['status']}",
+                    code="flash_sale.illegal_transition",
+                )
+            items = await queries.fetch_items(conn, [sale_id])
+            for item in sorted(items, key=lambda i: i["sku_id"]):  # SKU-id order, like every stock writer
+                await _move_stock(conn, sale_id, item["sku_id"], item["quota"], admin_id)
+        # After the commit: Redis never sells units PostgreSQL has not set aside. If this fails,
+        # purchases answer 503 until `shop reconcile --fix` warms it.
+        await rebuild_sale(conn, redis, scripts, keys, sale_id)
+        return await load_sale(conn, redis, keys, sale_id)
 
 
 async def update_sale(
@@ -365,79 +386,85 @@ async def update_sale(
 ) -> FlashSaleOut:
     """Edit (the whole form) until the start; a published event's quota changes move SKU stock and Redis together."""
     check_sale(data)
-    redis_edited = False  # once the edit's Redis steps begin
-    try:
-        async with conn.transaction():
-            old = await queries.fetch_sale(conn, sale_id, lock=True)
-            if old is None:
-                raise NotFound("Flash sale not found", code="flash_sale.not_found")
-            if old["status"] not in ("draft", "published"):
-                raise Conflict(
-                    f"A flash sale that is {old['status']} cannot be edited",
-                    code="flash_sale.illegal_transition",
-                )
-            # The clock now, not the transaction's start (now()); Redis refuses to remove an item
-            # that sold meanwhile (_apply_redis_edit), so an edit that commits after the start
-            # cannot orphan orders.
-            if old["status"] == "published" and await conn.fetchval(
-                "select clock_timestamp() >= $1::timestamptz", old["starts_at"]
-            ):
-                raise Conflict("The flash sale has started: its rules are fixed", code="flash_sale.started")
-            await _check_skus(conn, data)
-            row = await conn.fetchrow(
-                f"""update flash_sales set ({", ".join(SALE_COLUMNS)}, updated_at) = ($2, $3, $4, $5, $6, $7, $8, now())
-                    where id = $1 returning {queries.SALE_FIELDS}""",
-                sale_id,
-                *[getattr(data, c) for c in SALE_COLUMNS],
-            )
-            old_items = {i["sku_id"]: i for i in await queries.fetch_items(conn, [sale_id])}
-            new_items = {i.sku_id: i for i in data.items}
-            live = old["status"] == "published"
-            redis_steps: list[tuple[str, int, Any]] = []
-            for sku_id in sorted(set(old_items) | set(new_items)):
-                before, after = old_items.get(sku_id), new_items.get(sku_id)
-                delta = (after.quota if after else 0) - (before["quota"] if before else 0)
-                if live:
-                    await _move_stock(conn, sale_id, sku_id, delta, admin_id)
-                if before is None:
-                    await _insert_items(conn, sale_id, [after])
-                    redis_steps.append(("add", sku_id, None))
-                elif after is None:
-                    if before["sold"]:
-                        raise Conflict("An item with orders cannot be removed", code="flash_sale.item_sold")
-                    await conn.execute("delete from flash_sale_items where id = $1", before["id"])
-                    redis_steps.append(("remove", sku_id, before["id"]))
-                else:
-                    updated = await conn.fetchval(
-                        f"""update flash_sale_items i set flash_price = $2, quota = $3, per_user_limit = $4
-                            where id = $1 and {queries.SOLD} <= $3 returning id""",
-                        before["id"],
-                        after.flash_price,
-                        after.quota,
-                        after.per_user_limit,
+    async with sale_lock(conn, sale_id):
+        redis_edited = False  # once the edit's Redis steps begin
+        try:
+            async with conn.transaction():
+                old = await queries.fetch_sale(conn, sale_id, lock=True)
+                if old is None:
+                    raise NotFound("Flash sale not found", code="flash_sale.not_found")
+                if old["status"] not in ("draft", "published"):
+                    raise Conflict(
+                        f"A flash sale that is {old['status']} cannot be edited",
+                        code="flash_sale.illegal_transition",
                     )
-                    if updated is None:
-                        raise Conflict(
-                            "The quota cannot drop below what is sold", code="flash_sale.quota_below_sold"
-                        )
-                    redis_steps.append(("config", sku_id, (before["id"], delta, after)))
-            if live:
-                # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
-                redis_edited = True
-                await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
-    except Exception:
-        if redis_edited:
-            # PostgreSQL rolled the edit back, but Redis may hold part of it (a quota already
-            # raised, an item already gone): rewrite the event in Redis from PostgreSQL, as
-            # `shop reconcile --fix` would, so Redis never sells what PostgreSQL did not set aside.
-            try:
-                await rebuild_sale(conn, redis, scripts, keys, sale_id)
-            except Exception:
-                log.exception(
-                    "flash sale %s: Redis not restored after a failed edit; run shop reconcile --fix", sale_id
+                # The clock now, not the transaction's start (now()); Redis refuses to remove an item
+                # that sold meanwhile (_apply_redis_edit), so an edit that commits after the start
+                # cannot orphan orders.
+                if old["status"] == "published" and await conn.fetchval(
+                    "select clock_timestamp() >= $1::timestamptz", old["starts_at"]
+                ):
+                    raise Conflict(
+                        "The flash sale has started: its rules are fixed", code="flash_sale.started"
+                    )
+                await _check_skus(conn, data)
+                row = await conn.fetchrow(
+                    f"""update flash_sales set ({", ".join(SALE_COLUMNS)}, updated_at) = ($2, $3, $4, $5, $6, $7, $8, now())
+                        where id = $1 returning {queries.SALE_FIELDS}""",
+                    sale_id,
+                    *[getattr(data, c) for c in SALE_COLUMNS],
                 )
-        raise
-    return await load_sale(conn, redis, keys, sale_id)
+                old_items = {i["sku_id"]: i for i in await queries.fetch_items(conn, [sale_id])}
+                new_items = {i.sku_id: i for i in data.items}
+                live = old["status"] == "published"
+                redis_steps: list[tuple[str, int, Any]] = []
+                for sku_id in sorted(set(old_items) | set(new_items)):
+                    before, after = old_items.get(sku_id), new_items.get(sku_id)
+                    delta = (after.quota if after else 0) - (before["quota"] if before else 0)
+                    if live:
+                        await _move_stock(conn, sale_id, sku_id, delta, admin_id)
+                    if before is None:
+                        await _insert_items(conn, sale_id, [after])
+                        redis_steps.append(("add", sku_id, None))
+                    elif after is None:
+                        if before["sold"]:
+                            raise Conflict(
+                                "An item with orders cannot be removed", code="flash_sale.item_sold"
+                            )
+                        await conn.execute("delete from flash_sale_items where id = $1", before["id"])
+                        redis_steps.append(("remove", sku_id, before["id"]))
+                    else:
+                        updated = await conn.fetchval(
+                            f"""update flash_sale_items i set flash_price = $2, quota = $3, per_user_limit = $4
+                                where id = $1 and {queries.SOLD} <= $3 returning id""",
+                            before["id"],
+                            after.flash_price,
+                            after.quota,
+                            after.per_user_limit,
+                        )
+                        if updated is None:
+                            raise Conflict(
+                                "The quota cannot drop below what is sold", code="flash_sale.quota_below_sold"
+                            )
+                        redis_steps.append(("config", sku_id, (before["id"], delta, after)))
+                if live:
+                    # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
+                    redis_edited = True
+                    await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
+        except Exception:
+            if redis_edited:
+                # PostgreSQL rolled the edit back, but Redis may hold part of it (a quota already
+                # raised, an item already gone): rewrite the event in Redis from PostgreSQL, as
+                # `shop reconcile --fix` would, so Redis never sells what PostgreSQL did not set aside.
+                try:
+                    await rebuild_sale(conn, redis, scripts, keys, sale_id)
+                except Exception:
+                    log.exception(
+                        "flash sale %s: Redis not restored after a failed edit; run shop reconcile --fix",
+                        sale_id,
+                    )
+            raise
+        return await load_sale(conn, redis, keys, sale_id)
 
 
 async def _apply_redis_edit(conn, redis, scripts, keys: Keys, row, steps) -> None:
@@ -505,45 +532,50 @@ async def settle_sale(
     conn: asyncpg.Connection, redis: aioredis.Redis, keys: Keys, sale_id: int, *, admin_id: int | None = None
 ) -> bool:
     """Unsold units back to SKU stock, exactly once; False when it was not due or already done."""
-    # Redis refuses every purchase first; every accepted one is then in the stream, and is
-    # persisted (idempotently) before `sold` is read.
-    await _close_in_redis(redis, keys, sale_id)
-    await persist_backlog(redis, conn, KIND, keys.flash_stream(sale_id))
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            """update flash_sales set status = 'settled', settled_at = now(), updated_at = now()
-               where id = $1 and (status = 'stopped'
-                                  or (status = 'published' and ends_at < now() - make_interval(secs => $2)))
-               returning id""",
-            sale_id,
-            SETTLE_GRACE_SECONDS,
-        )
-        if row is None:
-            return False
-        items = await conn.fetch(
-            f"""select i.id, i.sku_id, i.quota, {queries.SOLD} as sold from flash_sale_items i
-                where flash_sale_id = $1 order by sku_id for update""",
-            sale_id,
-        )
-        for item in items:
-            if item["sold"] > item["quota"]:  # cannot happen: Redis never sells past the quota
-                log.error(
-                    "flash sale %s item %s: %s sold of %s", sale_id, item["id"], item["sold"], item["quota"]
-                )
-            unsold = max(0, item["quota"] - item["sold"])
-            await _move_stock(conn, sale_id, item["sku_id"], -unsold, admin_id)
-            # The units sold count as the SKU's and product's sales now, once (a return after
-            # this goes to SKU stock and takes its units off the sales, like any order's).
-            await conn.execute(
-                """with i as (update flash_sale_items set returned_to_stock = $2 where id = $1 returning sku_id),
-                        s as (update skus set sales = sales + $3 from i where skus.id = i.sku_id
-                              returning skus.product_id)
-                   update products set sales = sales + $3 from s where products.id = s.product_id""",
-                item["id"],
-                unsold,
-                item["sold"],
+    async with sale_lock(conn, sale_id):
+        # Redis refuses every purchase first; every accepted one is then in the stream, and is
+        # persisted (idempotently) before `sold` is read.
+        await _close_in_redis(redis, keys, sale_id)
+        await persist_backlog(redis, conn, KIND, keys.flash_stream(sale_id))
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                """update flash_sales set status = 'settled', settled_at = now(), updated_at = now()
+                   where id = $1 and (status = 'stopped'
+                                      or (status = 'published' and ends_at < now() - make_interval(secs => $2)))
+                   returning id""",
+                sale_id,
+                SETTLE_GRACE_SECONDS,
             )
-    return True
+            if row is None:
+                return False
+            items = await conn.fetch(
+                f"""select i.id, i.sku_id, i.quota, {queries.SOLD} as sold from flash_sale_items i
+                    where flash_sale_id = $1 order by sku_id for update""",
+                sale_id,
+            )
+            for item in items:
+                if item["sold"] > item["quota"]:  # cannot happen: Redis never sells past the quota
+                    log.error(
+                        "flash sale %s item %s: %s sold of %s",
+                        sale_id,
+                        item["id"],
+                        item["sold"],
+                        item["quota"],
+                    )
+                unsold = max(0, item["quota"] - item["sold"])
+                await _move_stock(conn, sale_id, item["sku_id"], -unsold, admin_id)
+                # The units sold count as the SKU's and product's sales now, once (a return after
+                # this goes to SKU stock and takes its units off the sales, like any order's).
+                await conn.execute(
+                    """with i as (update flash_sale_items set returned_to_stock = $2 where id = $1 returning sku_id),
+                            s as (update skus set sales = sales + $3 from i where skus.id = i.sku_id
+                                  returning skus.product_id)
+                       update products set sales = sales + $3 from s where products.id = s.product_id""",
+                    item["id"],
+                    unsold,
+                    item["sold"],
+                )
+        return True
 
 
 async def settle_due_sales(pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> int:
@@ -1288,10 +1320,11 @@ async def check_flash_counters(ctx: ReconcileContext) -> list[Difference]:
 
 async def fix_flash_counters(ctx: ReconcileContext, diffs: list[Difference]) -> None:
     for sale_id in sorted({int(d.subject.rsplit(" ", 1)[1]) for d in diffs}):
-        await rebuild_sale(ctx.conn, ctx.redis, ctx.scripts, ctx.keys, sale_id)
-        status = await ctx.conn.fetchval("select status from flash_sales where id = $1", sale_id)
-        if status == "stopped":
-            await _close_in_redis(ctx.redis, ctx.keys, sale_id)
+        async with sale_lock(ctx.conn, sale_id):
+            await rebuild_sale(ctx.conn, ctx.redis, ctx.scripts, ctx.keys, sale_id)
+            status = await ctx.conn.fetchval("select status from flash_sales where id = $1", sale_id)
+            if status == "stopped":
+                await _close_in_redis(ctx.redis, ctx.keys, sale_id)
 
 
 register_checker("flash_sales", check_flash_counters, fix_flash_counters)

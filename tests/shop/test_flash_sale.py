@@ -272,6 +272,42 @@ async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, 
     )
 
 
+async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admin_headers):
+    """Publishing, editing (with its rebuild after a failure) and stopping each read PostgreSQL,
+    then write Redis: one at a time per event, so none writes back what another just changed."""
+    draft = await make_sale(client, admin_headers, db, publish=False, starts={"minutes": 10})
+    live = await make_sale(client, admin_headers, db, starts={"minutes": 10})
+    item = {k: live["items"][0][k] for k in ("sku_id", "flash_price", "per_user_limit")}
+    edit = {
+        "name": live["name"],
+        "starts_at": live["starts_at"],
+        "ends_at": live["ends_at"],
+        "items": [{**item, "quota": 5}],
+    }
+    calls = {
+        "publish": (
+            draft["id"],
+            lambda: client.post(f"{ADMIN}/{draft['id']}/publish", headers=admin_headers),
+        ),
+        "edit": (live["id"], lambda: client.put(f"{ADMIN}/{live['id']}", json=edit, headers=admin_headers)),
+        "stop": (live["id"], lambda: client.post(f"{ADMIN}/{live['id']}/stop", headers=admin_headers)),
+    }
+    lock = "hashtextextended('flash_sale:' || $1::bigint, 0)"
+    for name, (sale_id, call) in calls.items():
+        await db.execute(f"select pg_advisory_lock({lock})", sale_id)  # another writer at work
+        try:
+            pending = asyncio.create_task(call())
+            await asyncio.sleep(0.3)
+            assert not pending.done(), name
+        finally:
+            await db.execute(f"select pg_advisory_unlock({lock})", sale_id)
+        r = await asyncio.wait_for(pending, 10)
+        assert r.status_code == 200, (name, r.text)
+    keys = Keys(app.state.settings.redis_prefix)
+    # The edit's lowered quota reached Redis, then the stop closed the event there.
+    assert await app.state.redis.hget(keys.flash_state(live["id"]), "status") == "ended"
+
+
 def test_a_remembered_purchase_token_still_expires_and_binds_shopper_event_and_key(settings):
     """Checked tokens are remembered per process (no HMAC per retry): the memory must not widen
     what a token is good for."""
