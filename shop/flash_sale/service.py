@@ -331,13 +331,18 @@ async def sale_lock(conn: asyncpg.Connection, sale_id: int) -> AsyncIterator[Non
     reads PostgreSQL and then writes Redis; interleaved, a slower one could write back what the
     other had just changed (an edit's lowered quota, a settled event's "ended"). A session-level
     advisory lock, taken before any row lock, released when done (the pool's reset releases it
-    too, should the unlock not run)."""
+    too, should the unlock not run). Not inside a transaction: an aborted one would refuse the unlock."""
+    if conn.is_in_transaction():
+        raise RuntimeError("sale_lock is taken outside any transaction")
     await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
     try:
         yield
     finally:
-        if not conn.is_closed():
-            await conn.execute(f"select pg_advisory_unlock({_SALE_LOCK})", sale_id)
+        try:
+            if not conn.is_closed():
+                await conn.execute(f"select pg_advisory_unlock({_SALE_LOCK})", sale_id)
+        except Exception:  # the error that got us here matters more; closing or resetting releases it
+            log.warning("flash sale %s: lock not released here", sale_id, exc_info=True)
 
 
 async def publish_sale(

@@ -292,7 +292,7 @@ async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admi
         "edit": (live["id"], lambda: client.put(f"{ADMIN}/{live['id']}", json=edit, headers=admin_headers)),
         "stop": (live["id"], lambda: client.post(f"{ADMIN}/{live['id']}/stop", headers=admin_headers)),
     }
-    lock = "hashtextextended('flash_sale:' || $1::bigint, 0)"
+    lock = service._SALE_LOCK
     for name, (sale_id, call) in calls.items():
         await db.execute(f"select pg_advisory_lock({lock})", sale_id)  # another writer at work
         try:
