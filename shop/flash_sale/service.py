@@ -333,7 +333,7 @@ async def sale_lock(conn: asyncpg.Connection, sale_id: int) -> AsyncIterator[Non
     advisory lock, taken before any row lock, released when done (the pool's reset releases it
     too, should the unlock not run). Not inside a transaction: an aborted one would refuse the unlock."""
     if conn.is_in_transaction():
-        raise RuntimeError("sale_lock is taken outside any transaction")
+        raise RuntimeError("sale_lock must be taken outside a transaction")
     await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
     try:
         yield

@@ -141,11 +141,14 @@ class ScriptPipeliner:
     def __init__(self, redis: aioredis.Redis, *, max_batch: int = 128) -> None:
         self.redis = redis
         self.max_batch = max_batch
-        # The client's socket timeout bounds a whole batch's round trip (connect, send, every reply):
-        # as its connections would get it (redis-py's default, 5 s, is the connection's, not the
-        # pool's; making the object does not connect).
+        # Our connections: the client's settings without redis-py's per-command socket timeout (an
+        # asyncio timeout around every reply, a task per send). That timeout bounds a whole batch's
+        # round trip instead (connect, send, every reply), as the client's connections would get it:
+        # redis-py's default, 5 s, is the connection's, not the pool's (making the object does not
+        # connect).
         pool = redis.connection_pool
         self.timeout: float | None = pool.connection_class(**pool.connection_kwargs).socket_timeout
+        self._connection_kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self._waiting: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task] = set()
@@ -182,10 +185,7 @@ class ScriptPipeliner:
                 await self._discard(conn)
                 raise
             await self._discard(conn)
-        pool = self.redis.connection_pool
-        # Ours without redis-py's per-command socket timeout (an asyncio timeout around every
-        # reply, a task per send): one deadline bounds the whole round trip (_roundtrip).
-        conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        conn = self.redis.connection_pool.connection_class(**self._connection_kwargs)
         self._open.add(conn)
         return conn
 
