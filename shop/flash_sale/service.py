@@ -322,19 +322,40 @@ async def rebuild_sale(
 
 
 _SALE_LOCK = "hashtextextended('flash_sale:' || $1::bigint, 0)"
+# How long an admin call waits for another writer of the same event (a long `reconcile --fix`, a
+# settle) before it is told to try again: a 409, not the pool's command timeout (a 500).
+ADMIN_LOCK_WAIT_SECONDS = 20.0
 
 
 @asynccontextmanager
-async def sale_lock(conn: asyncpg.Connection, sale_id: int) -> AsyncIterator[None]:
+async def sale_lock(
+    conn: asyncpg.Connection, sale_id: int, *, wait: float | None = None
+) -> AsyncIterator[None]:
     """One writer of an event's rules and counters in Redis at a time: publishing, an edit
     (including the rebuild after a failed one), settling and `shop reconcile --fix`. Each of them
     reads PostgreSQL and then writes Redis; interleaved, a slower one could write back what the
     other had just changed (an edit's lowered quota, a settled event's "ended"). A session-level
     advisory lock, taken before any row lock, released when done (the pool's reset releases it
-    too, should the unlock not run). Not inside a transaction: an aborted one would refuse the unlock."""
+    too, should the unlock not run). Not inside a transaction: an aborted one would refuse the unlock.
+    Re-entrant (a session's advisory locks are). `wait`: at most this many seconds, then 409
+    `flash_sale.busy` (admin calls); None waits as long as it takes (the worker, reconcile)."""
     if conn.is_in_transaction():
         raise RuntimeError("sale_lock must be taken outside a transaction")
-    await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
+    if wait is None:
+        await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
+    else:
+        await conn.execute("select set_config('lock_timeout', $1, false)", f"{max(1, round(wait * 1000))}ms")
+        try:
+            await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
+        except asyncpg.LockNotAvailableError:
+            raise Conflict(
+                "Another change to this flash sale is in progress; try again shortly", code="flash_sale.busy"
+            ) from None
+        finally:
+            try:
+                await conn.execute("reset lock_timeout")
+            except Exception:  # a broken connection is not reused; the error that got us here matters more
+                log.warning("flash sale %s: lock_timeout not reset here", sale_id, exc_info=True)
     try:
         yield
     finally:
@@ -354,7 +375,7 @@ async def publish_sale(
     admin_id: int | None,
 ) -> FlashSaleOut:
     """draft -> published: quota out of SKU stock (guarded), then Redis warmed."""
-    async with sale_lock(conn, sale_id):
+    async with sale_lock(conn, sale_id, wait=ADMIN_LOCK_WAIT_SECONDS):
         async with conn.transaction():
             row = await conn.fetchrow(
                 """update flash_sales set status = 'published', published_at = now(), updated_at = now()
@@ -391,7 +412,7 @@ async def update_sale(
 ) -> FlashSaleOut:
     """Edit (the whole form) until the start; a published event's quota changes move SKU stock and Redis together."""
     check_sale(data)
-    async with sale_lock(conn, sale_id):
+    async with sale_lock(conn, sale_id, wait=ADMIN_LOCK_WAIT_SECONDS):
         redis_edited = False  # once the edit's Redis steps begin
         try:
             async with conn.transaction():
@@ -510,20 +531,22 @@ async def stop_sale(
     sale_id: int,
     admin_id: int | None,
 ) -> FlashSaleOut:
-    """published -> stopped: no purchase is accepted from now on; unsold units go back to stock."""
-    row = await conn.fetchrow(
-        """update flash_sales set status = 'stopped', stopped_at = now(), updated_at = now()
-           where id = $1 and status = 'published' returning id""",
-        sale_id,
-    )
-    if row is None:
-        existing = await queries.fetch_sale(conn, sale_id)
-        if existing is None:
-            raise NotFound("Flash sale not found", code="flash_sale.not_found")
-        raise Conflict(
-            f"Cannot stop a flash sale that is {existing['status']}", code="flash_sale.illegal_transition"
+    """published -> stopped: no purchase is accepted from now on; unsold units go back to stock.
+    The lock is taken before the status changes, so a busy event refuses the stop whole."""
+    async with sale_lock(conn, sale_id, wait=ADMIN_LOCK_WAIT_SECONDS):
+        row = await conn.fetchrow(
+            """update flash_sales set status = 'stopped', stopped_at = now(), updated_at = now()
+               where id = $1 and status = 'published' returning id""",
+            sale_id,
         )
-    await settle_sale(conn, redis, keys, sale_id, admin_id=admin_id)
+        if row is None:
+            existing = await queries.fetch_sale(conn, sale_id)
+            if existing is None:
+                raise NotFound("Flash sale not found", code="flash_sale.not_found")
+            raise Conflict(
+                f"Cannot stop a flash sale that is {existing['status']}", code="flash_sale.illegal_transition"
+            )
+        await settle_sale(conn, redis, keys, sale_id, admin_id=admin_id)  # the lock again (re-entrant)
     return await load_sale(conn, redis, keys, sale_id)
 
 

@@ -272,9 +272,10 @@ async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, 
     )
 
 
-async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admin_headers):
-    """Publishing, editing (with its rebuild after a failure) and stopping each read PostgreSQL,
-    then write Redis: one at a time per event, so none writes back what another just changed."""
+async def writers_of_two_events(client, admin_headers, db):
+    """A live event and a draft, and the admin calls that write their Redis state: publishing the
+    draft, editing the live one (quota 5), stopping it. Returns the live event and {name: (event
+    id, call)}."""
     draft = await make_sale(client, admin_headers, db, publish=False, starts={"minutes": 10})
     live = await make_sale(client, admin_headers, db, starts={"minutes": 10})
     item = {k: live["items"][0][k] for k in ("sku_id", "flash_price", "per_user_limit")}
@@ -284,7 +285,7 @@ async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admi
         "ends_at": live["ends_at"],
         "items": [{**item, "quota": 5}],
     }
-    calls = {
+    return live, {
         "publish": (
             draft["id"],
             lambda: client.post(f"{ADMIN}/{draft['id']}/publish", headers=admin_headers),
@@ -292,6 +293,12 @@ async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admi
         "edit": (live["id"], lambda: client.put(f"{ADMIN}/{live['id']}", json=edit, headers=admin_headers)),
         "stop": (live["id"], lambda: client.post(f"{ADMIN}/{live['id']}/stop", headers=admin_headers)),
     }
+
+
+async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admin_headers):
+    """Publishing, editing (with its rebuild after a failure) and stopping each read PostgreSQL,
+    then write Redis: one at a time per event, so none writes back what another just changed."""
+    live, calls = await writers_of_two_events(client, admin_headers, db)
     lock = service._SALE_LOCK
     for name, (sale_id, call) in calls.items():
         await db.execute(f"select pg_advisory_lock({lock})", sale_id)  # another writer at work
@@ -306,6 +313,45 @@ async def test_writers_of_an_events_redis_state_take_turns(client, app, db, admi
     keys = Keys(app.state.settings.redis_prefix)
     # The edit's lowered quota reached Redis, then the stop closed the event there.
     assert await app.state.redis.hget(keys.flash_state(live["id"]), "status") == "ended"
+
+
+async def test_an_admin_call_behind_a_busy_writer_is_told_to_retry_and_changes_nothing(
+    client, app, db, admin_headers, monkeypatch
+):
+    """A writer holding an event for long (a big `reconcile --fix`): publish, edit and stop give up
+    after a bounded wait with 409 `flash_sale.busy`, leave the event as it was, and work once it is free."""
+    monkeypatch.setattr(service, "ADMIN_LOCK_WAIT_SECONDS", 0.3)
+    live, named = await writers_of_two_events(client, admin_headers, db)
+    calls = list(named.values())  # publish, edit, stop: in that order
+    keys = Keys(app.state.settings.redis_prefix)
+
+    async def state():
+        return (
+            await db.fetch("select id, status, published_at, stopped_at from flash_sales order by id"),
+            await db.fetch("select id, quota from flash_sale_items order by id"),
+            await db.fetch("select id, stock from skus order by id"),
+            await app.state.redis.hgetall(keys.flash_state(live["id"])),
+            await app.state.redis.hgetall(keys.flash_item(live["id"], live["items"][0]["id"])),
+        )
+
+    before = await state()
+    lock = service._SALE_LOCK
+    for sale_id, _ in calls:
+        await db.execute(f"select pg_advisory_lock({lock})", sale_id)  # another writer at work
+    try:
+        for _, call in calls:
+            r = await call()
+            assert r.status_code == 409 and r.json()["error"]["code"] == "flash_sale.busy", r.text
+    finally:
+        for sale_id, _ in calls:
+            await db.execute(f"select pg_advisory_unlock({lock})", sale_id)
+    assert await state() == before
+    # The limit is the lock wait's alone: what runs under the lock has the session's usual one.
+    async with app.state.pool.acquire() as conn, service.sale_lock(conn, live["id"], wait=5):
+        assert await conn.fetchval("show lock_timeout") == "0"
+    for _, call in calls:
+        r = await call()
+        assert r.status_code == 200, r.text
 
 
 def test_a_remembered_purchase_token_still_expires_and_binds_shopper_event_and_key(settings):
