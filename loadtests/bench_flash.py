@@ -137,6 +137,23 @@ def wrk(port: int, path: str, shoppers: Path, args, script: Path = HERE / "wrk" 
     }
 
 
+def check_answers(port: int, path: str, rows, app: str, phase: str) -> None:
+    """What the load was answered with, sampled after the run: every answer a winner's 201 in
+    stock, a 409 `flash_sale.sold_out` when sold out. A broken setup (say, every request a 401)
+    would otherwise be measured as a fast sold-out phase."""
+    want = (201, None) if phase == "stock" else (409, "flash_sale.sold_out")
+    for uid, jwt, address, token in rows[1:4]:
+        r = httpx.post(
+            f"http://127.0.0.1:{port}{path}",
+            json={"qty": 1, "address_id": address, "token": token},
+            headers={"Authorization": f"Bearer {jwt}", "X-Bench-User": str(uid)},
+            timeout=10,
+        )
+        code = r.json().get("error", {}).get("code") if r.status_code >= 400 else None
+        if (r.status_code, code) != want:
+            raise SystemExit(f"{app} {phase}: expected {want}, got {r.status_code} {r.text[:200]}")
+
+
 def server_env(settings) -> dict[str, str]:
     """The environment every benchmarked server runs with: the same stores, no request log."""
     return {
@@ -320,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     file = tmp / f"{app}_{phase}.txt"
                     write_shoppers(rows, file)
                     r = wrk(args.port, path, file, args)
+                    check_answers(args.port, path, rows, app, phase)
                     results.setdefault((app, phase), []).append(r)
                     cpu = "  ".join(f"{g} {us:.0f}" for g, us in sorted(r["cpu_us"].items()))
                     print(

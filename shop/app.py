@@ -17,7 +17,7 @@ from litestar.static_files import create_static_files_router
 from shop import migrate
 from shop.auth_tokens import provide_admin, provide_user
 from shop.db import connection_middleware, create_hot_pool, create_pool, provide_conn
-from shop.errors import render_error
+from shop.errors import render_error, unaddressable_ids_name_nothing
 from shop.health import healthz, readyz
 from shop.keys import Keys
 from shop.observability import metrics
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "admin": Provide(provide_admin),
         },
         exception_handlers={Exception: render_error},
+        before_request=unaddressable_ids_name_nothing,
         openapi_config=openapi,
         on_app_init=[on_app_init_observability(settings)],
         debug=False,

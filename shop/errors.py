@@ -111,6 +111,19 @@ def validation_details(extra: Any) -> list[dict[str, str]]:
     return details or [{"field": "body", "message": "invalid request"}]
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+async def unaddressable_ids_name_nothing(request: Request) -> None:
+    """Every route's `before_request`: an integer path parameter that PostgreSQL's bigint cannot
+    hold is passed on as 0, which no row has, so the route answers with its own not-found (as for
+    any unknown id) instead of asyncpg refusing to encode it (a 500)."""
+    params = request.path_params
+    for name, value in params.items():
+        if type(value) is int and not -BIGINT_MAX <= value <= BIGINT_MAX:
+            params[name] = 0
+
+
 def render_error(request: Request, exc: Exception) -> Response:
     """The one exception handler: domain errors, framework errors, and anything unexpected."""
     if isinstance(exc, ShopError):

@@ -71,6 +71,12 @@ class Keys:
     def flash_stream(self, event_id: int) -> str:
         return self._k(f"fs:{event_id}", "stream")
 
+    def flash_stream_event(self, stream: str) -> int | None:
+        """The event whose `flash_stream` this is (None for any other key)."""
+        head, tail = f"{self.prefix}:{{fs:", "}:stream"
+        middle = stream[len(head) : -len(tail)] if stream.startswith(head) and stream.endswith(tail) else ""
+        return int(middle) if middle.isdigit() else None
+
     def flash_returned(self, event_id: int, item_id: int) -> str:
         return self._k(f"fs:{event_id}", "returned", item_id)
 

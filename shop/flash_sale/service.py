@@ -55,6 +55,7 @@ from shop.hotpath import (
     register_persister,
     register_stream,
     registered_streams,
+    unregister_stream,
 )
 from shop.idempotency import key_mismatch
 from shop.keys import Keys
@@ -77,6 +78,9 @@ IDEMPOTENCY_TTL = 24 * 3600
 # The worker settles an event this long after its end, so purchases answered on an API host whose
 # clock runs a little behind are persisted first.
 SETTLE_GRACE_SECONDS = 5.0
+# A settled event's Redis keys (state, items, buyers, returns, stream) are kept this long for
+# anyone still looking, then expire: nothing reads them for the sale any more.
+SETTLED_KEYS_TTL_SECONDS = 86_400
 
 REFUSALS = {
     "not_found": (NotFound, "flash_sale.not_found", "No such flash sale item"),
@@ -322,8 +326,9 @@ async def rebuild_sale(
 
 
 _SALE_LOCK = "hashtextextended('flash_sale:' || $1::bigint, 0)"
-# How long an admin call waits for another writer of the same event (a long `reconcile --fix`, a
-# settle) before it is told to try again: a 409, not the pool's command timeout (a 500).
+# How long an admin call waits for another writer of the same event (another admin's call, a
+# settle, a long `reconcile --fix`) before it is told to try again: a 409, not the pool's command
+# timeout (a 500).
 ADMIN_LOCK_WAIT_SECONDS = 20.0
 
 
@@ -338,24 +343,24 @@ async def sale_lock(
     advisory lock, taken before any row lock, released when done (the pool's reset releases it
     too, should the unlock not run). Not inside a transaction: an aborted one would refuse the unlock.
     Re-entrant (a session's advisory locks are). `wait`: at most this many seconds, then 409
-    `flash_sale.busy` (admin calls); None waits as long as it takes (the worker, reconcile)."""
+    `flash_sale.busy` (admin calls); None waits for as long as the connection's own limits allow
+    (the worker's pool: its command timeout; reconcile: no limit)."""
     if conn.is_in_transaction():
         raise RuntimeError("sale_lock must be taken outside a transaction")
     if wait is None:
         await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
     else:
-        await conn.execute("select set_config('lock_timeout', $1, false)", f"{max(1, round(wait * 1000))}ms")
         try:
-            await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
+            # The limit is local to this short transaction; the session lock outlives its commit.
+            async with conn.transaction():
+                await conn.execute(
+                    "select set_config('lock_timeout', $1, true)", f"{max(1, round(wait * 1000))}ms"
+                )
+                await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
         except asyncpg.LockNotAvailableError:
             raise Conflict(
                 "Another change to this flash sale is in progress; try again shortly", code="flash_sale.busy"
             ) from None
-        finally:
-            try:
-                await conn.execute("reset lock_timeout")
-            except Exception:  # a broken connection is not reused; the error that got us here matters more
-                log.warning("flash sale %s: lock_timeout not reset here", sale_id, exc_info=True)
     try:
         yield
     finally:
@@ -603,7 +608,29 @@ async def settle_sale(
                     unsold,
                     item["sold"],
                 )
+        try:
+            await retire_in_redis(redis, keys, sale_id, [item["id"] for item in items])
+        except Exception:  # committed: the worker's next settle pass retires it
+            log.warning("flash sale %s: settled, Redis not yet retired", sale_id, exc_info=True)
         return True
+
+
+async def retire_in_redis(redis: aioredis.Redis, keys: Keys, sale_id: int, item_ids: Sequence[int]) -> None:
+    """A settled event sells nothing more, and every reservation in its stream is in PostgreSQL
+    (settling persisted the backlog after Redis closed the event): the worker stops reading the
+    stream, and the event's keys expire a day later instead of filling a `noeviction` Redis."""
+    await unregister_stream(redis, keys, KIND, keys.flash_stream(sale_id))
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in (keys.flash_state(sale_id), keys.flash_stream(sale_id)):
+            pipe.expire(key, SETTLED_KEYS_TTL_SECONDS)
+        for item_id in item_ids:
+            for key in (
+                keys.flash_item(sale_id, item_id),
+                keys.flash_bought(sale_id, item_id),
+                keys.flash_returned(sale_id, item_id),
+            ):
+                pipe.expire(key, SETTLED_KEYS_TTL_SECONDS)
+        await pipe.execute()
 
 
 async def settle_due_sales(pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> int:
@@ -617,6 +644,17 @@ async def settle_due_sales(pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys
         done = 0
         for row in due:
             done += await settle_sale(conn, redis, keys, row["id"])
+        # Settled events whose Redis was not retired when they settled (Redis failed then, or they
+        # settled before events were retired): retired now.
+        registered = [keys.flash_stream_event(s) for s in await registered_streams(redis, keys, KIND)]
+        settled = await conn.fetch(
+            """select f.id, array_remove(array_agg(i.id order by i.id), null) as items
+               from flash_sales f left join flash_sale_items i on i.flash_sale_id = f.id
+               where f.id = any($1::bigint[]) and f.status = 'settled' group by f.id""",
+            [sale_id for sale_id in registered if sale_id is not None],
+        )
+        for row in settled:
+            await retire_in_redis(redis, keys, row["id"], row["items"])
     return done
 
 
@@ -779,6 +817,7 @@ def verify_token(
 
 
 WINDOW_SECONDS = 0.5
+WINDOW_CACHE_SIZE = 10_000  # events remembered per process
 
 
 async def _window(state: Any, sale_id: int) -> tuple[str, int, int] | None:
@@ -795,6 +834,8 @@ async def _window(state: Any, sale_id: int) -> tuple[str, int, int] | None:
     if hit is not None and hit[0] > now:
         return await asyncio.shield(hit[1])
     future = asyncio.get_running_loop().create_future()
+    if len(cache) >= WINDOW_CACHE_SIZE:  # ids anyone may ask about: bounded (a waiter keeps its future)
+        cache.clear()
     cache[sale_id] = (now + WINDOW_SECONDS, future)
     try:
         status, starts, ends = await state.redis.hmget(

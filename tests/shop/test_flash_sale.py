@@ -389,6 +389,22 @@ def test_a_remembered_purchase_token_still_expires_and_binds_shopper_event_and_k
     assert refused.value.code == "flash_sale.token_invalid"
 
 
+async def test_asking_about_many_events_keeps_the_window_memory_bounded(
+    client, app, db, admin_headers, make_user, monkeypatch
+):
+    """Any shopper can ask for a token for any id: what a process remembers of event windows stays
+    bounded, and a live event's token is still issued after the memory was dropped."""
+    monkeypatch.setattr(service, "WINDOW_CACHE_SIZE", 5)
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    _, headers = await make_user()
+    for sale_id in range(10**9, 10**9 + 40):
+        r = await client.get(f"{SHOP}/{sale_id}/token", headers=headers)
+        assert r.status_code == 404 and code_of(r) == "flash_sale.not_found"
+        assert len(app.state.flash_windows) <= 5
+    r = await client.get(f"{SHOP}/{sale['id']}/token", headers=headers)
+    assert r.status_code == 200 and r.json()["token"]
+
+
 async def test_window_token_and_refusal_codes(client, app, db, settings, admin_headers, make_user):
     sale = await make_sale(client, admin_headers, db, quota=5, starts={"minutes": 10})
     user_id, headers = await make_user()

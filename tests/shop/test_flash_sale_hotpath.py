@@ -268,7 +268,16 @@ async def test_payment_racing_the_timeout_ends_in_exactly_one_outcome(
     shoppers = await buyers(db, settings, 40, sale["id"])
     orders = [(await buy(client, s, sale)).json() for s in shoppers]
     payments = [await open_payment(client, s["headers"], o) for s, o in zip(shoppers, orders, strict=True)]
-    await db.execute("update orders set pay_deadline = now() - interval '1 second'")
+    # The first 15 time out before any notification (so both outcomes surely occur: their payment
+    # arrives after the cancel); the other 25 expire too, and their notifications race the cancellers.
+    await db.execute(
+        "update orders set pay_deadline = now() - interval '1 second' where id = any($1::bigint[])",
+        [o["id"] for o in orders[:15]],
+    )
+    assert await cancel_expired_orders(app.state.pool) == 15
+    await db.execute(
+        "update orders set pay_deadline = now() - interval '1 second' where status = 'pending_payment'"
+    )
     notices = [signed(settings, p, transaction_id=f"TX{i}") for i, p in enumerate(payments)]
     results = await asyncio.gather(
         *(notify(client, h, body) for h, body in notices),
@@ -278,10 +287,18 @@ async def test_payment_racing_the_timeout_ends_in_exactly_one_outcome(
     while await cancel_expired_orders(app.state.pool):
         pass
     await restore_flash_returns(ctx_of(app))
-    rows = await db.fetch("select status, count(*) as n from orders group by status")
-    by_status = {r["status"]: r["n"] for r in rows}
-    assert sum(by_status.values()) == 40 and set(by_status) <= {"paid", "cancelled"}
-    cancelled = by_status.get("cancelled", 0)
+    rows = await db.fetch("select id, status from orders")
+    assert {r["status"] for r in rows} <= {"paid", "cancelled"}
+    cancelled = {r["id"] for r in rows if r["status"] == "cancelled"}
+    assert len(cancelled) >= 15
+    # A payment that came after its order's cancel is refunded by the system, and only those; the
+    # unit the cancel gave back is not given back a second time.
+    refunds = await db.fetch("select order_id, amount, origin from refunds")
+    assert {r["order_id"] for r in refunds} == cancelled
+    assert [(r["origin"], r["amount"]) for r in refunds] == [("system", orders[0]["payable_amount"])] * len(
+        cancelled
+    )
+    cancelled = len(cancelled)
     # Each cancelled order gave its unit back once; paid ones kept theirs.
     assert await db.fetchval("select coalesce(sum(qty), 0) from flash_sale_returns") == cancelled
     assert await redis_item(app, sale) == await db_item(db, sale)
@@ -328,6 +345,54 @@ async def test_settlement_returns_unsold_units_to_stock_exactly_once(
     assert await db.fetchval("select count(*) from flash_sale_returns") == 1  # the one before the end
     r = await client.get(f"{ADMIN}/{sale['id']}/stats", headers=admin_headers)
     assert r.json()["status"] == "settled" and r.json()["items"][0]["returned_to_stock"] == 8
+
+
+async def test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire(
+    client, app, db, settings, admin_headers
+):
+    """The worker reads every registered stream every second: a settled event's must not stay
+    registered forever, nor its keys fill a `noeviction` Redis. A live event keeps both."""
+    ended = await make_sale(client, admin_headers, db, quota=5)
+    live = await make_sale(client, admin_headers, db, quota=5)
+    shoppers = await buyers(db, settings, 2, ended["id"])
+    assert (await buy(client, shoppers[0], ended)).status_code == 201
+    keys, redis = Keys(settings.redis_prefix), app.state.redis
+
+    def keys_of(sale):
+        item_id = sale["items"][0]["id"]
+        return [
+            keys.flash_state(sale["id"]),
+            keys.flash_stream(sale["id"]),
+            keys.flash_item(sale["id"], item_id),
+            keys.flash_bought(sale["id"], item_id),
+        ]
+
+    async def registered():
+        return set(await service.registered_streams(redis, keys, service.KIND))
+
+    assert {keys.flash_stream(ended["id"]), keys.flash_stream(live["id"])} <= await registered()
+    r = await client.post(f"{ADMIN}/{ended['id']}/stop", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["status"] == "settled"
+    assert keys.flash_stream(ended["id"]) not in await registered()
+    ttls = [await redis.ttl(key) for key in keys_of(ended)]
+    assert all(0 < ttl <= service.SETTLED_KEYS_TTL_SECONDS for ttl in ttls), ttls
+    r = await buy(client, shoppers[1], ended)
+    assert r.status_code == 409 and code_of(r) == "flash_sale.ended"
+    assert (await client.get(f"{ADMIN}/{ended['id']}", headers=admin_headers)).status_code == 200
+    # One settled before events were retired (or while Redis failed): the worker's settle pass
+    # retires it; the live event is left alone.
+    await service.register_stream(redis, keys, service.KIND, keys.flash_stream(ended["id"]))
+    for key in keys_of(ended):
+        await redis.persist(key)
+    assert await settle_flash_sales(ctx_of(app)) == 0
+    assert keys.flash_stream(ended["id"]) not in await registered()
+    assert keys.flash_stream(live["id"]) in await registered()
+    ttls = [await redis.ttl(key) for key in keys_of(ended)]
+    assert all(0 < ttl <= service.SETTLED_KEYS_TTL_SECONDS for ttl in ttls), ttls
+    assert [await redis.ttl(key) for key in keys_of(live)[:1] + keys_of(live)[2:3]] == [-1, -1]
+    assert (
+        await db.fetchval("select count(*) from flash_sale_orders where flash_sale_id = $1", ended["id"]) == 1
+    )
 
 
 async def test_redis_flushed_mid_sale_is_rebuilt_by_reconcile_with_no_oversell(
