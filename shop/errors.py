@@ -6,6 +6,7 @@ import logging
 import re
 from typing import Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import (
     HTTPException,
@@ -15,6 +16,8 @@ from litestar.exceptions import (
     PermissionDeniedException,
     ValidationException,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("shop.errors")
 
@@ -111,6 +114,32 @@ def validation_details(extra: Any) -> list[dict[str, str]]:
     return details or [{"field": "body", "message": "invalid request"}]
 
 
+# A store the request needs could not be reached or did not answer in time (down, restarting,
+# failing over, out of connections): the request may well succeed if it is tried again.
+OUTAGES = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+def outage_error(exc: BaseException) -> ShopError | None:
+    """503 `service_unavailable` with Retry-After for an outage of PostgreSQL or Redis (logged as
+    a warning), None for anything else."""
+    if not isinstance(exc, OUTAGES):
+        return None
+    log.warning("a store is unavailable: %s: %s", type(exc).__name__, exc)
+    return Unavailable(
+        "The shop cannot reach its data right now; try again shortly",
+        code="service_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 BIGINT_MAX = 2**63 - 1
 
 
@@ -125,7 +154,8 @@ async def unaddressable_ids_name_nothing(request: Request) -> None:
 
 
 def render_error(request: Request, exc: Exception) -> Response:
-    """The one exception handler: domain errors, framework errors, and anything unexpected."""
+    """The one exception handler: domain errors, framework errors, outages, and anything unexpected."""
+    exc = outage_error(exc) or exc
     if isinstance(exc, ShopError):
         return Response(
             error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers

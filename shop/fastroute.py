@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from shop.auth import client_ip_of
 from shop.auth_tokens import AuthUser, shopper_of
-from shop.errors import ShopError, error_body, validation_details
+from shop.errors import ShopError, error_body, outage_error, validation_details
 from shop.idempotency import check_key
 
 log = logging.getLogger("shop.fastroute")
@@ -128,15 +128,15 @@ async def _serve(
         answer = await route.handler(call)
         status, body = answer.status, answer.body
         headers = [*JSON_HEADERS, *answer.headers] if answer.headers else JSON_HEADERS
-    except ShopError as exc:
+    except Exception as caught:
+        exc = caught if isinstance(caught, ShopError) else outage_error(caught)
+        if exc is None:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            exc = ShopError("Internal server error", code="internal_error", status=500)
         status, body = exc.status, msgspec.json.encode(error_body(exc.code, exc.message, exc.details))
         headers = JSON_HEADERS
         if exc.headers:
             headers = [*JSON_HEADERS, *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
-    except Exception:
-        log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-        status, headers = 500, JSON_HEADERS
-        body = msgspec.json.encode(error_body("internal_error", "Internal server error"))
     headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -64,6 +64,23 @@ async def test_ids_beyond_bigint_name_nothing_on_every_route(app, client, admin_
                 assert r.json()["error"]["code"].endswith("not_found"), (method, path, r.text)
 
 
+async def test_an_unreachable_database_is_503_with_retry_after(app, client, make_user):
+    """PostgreSQL down (or failing over): a retryable 503, not a 500; served again once it is back."""
+    import asyncpg
+
+    _, headers = await make_user()
+    pool = app.state.pool
+    app.state.pool = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/gone", min_size=0)
+    try:
+        r = await client.get("/api/v1/orders", headers=headers)
+    finally:
+        dead, app.state.pool = app.state.pool, pool
+        await dead.close()
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "service_unavailable" and r.headers["retry-after"] == "1"
+    assert (await client.get("/api/v1/orders", headers=headers)).status_code == 200
+
+
 async def test_one_structured_log_line_per_request(settings, db, caplog):
     import httpx
     import msgspec

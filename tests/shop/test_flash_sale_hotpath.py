@@ -124,6 +124,33 @@ async def test_worker_persists_a_reservation_the_api_died_on_once(client, app, d
     await assert_consistent(app, db, sale)
 
 
+async def test_a_winner_whose_order_cannot_be_written_is_told_to_retry_and_gets_it(
+    client, app, db, settings, admin_headers
+):
+    """PostgreSQL unreachable after the script accepted: 503 with Retry-After, not a 500. The
+    reservation is in the stream, the worker writes the order, and the shopper's retry with the
+    same Idempotency-Key is answered with that order."""
+    import asyncpg
+
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    hot_pool = getattr(app.state, "hot_pool", None)
+    app.state.hot_pool = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:1/gone", min_size=0)
+    try:
+        r = await buy(client, shopper, sale, key="press-1")
+    finally:
+        dead, app.state.hot_pool = app.state.hot_pool, hot_pool
+        await dead.close()
+    assert r.status_code == 503, r.text
+    assert code_of(r) == "service_unavailable" and r.headers["retry-after"] == "1"
+    assert await db.fetchval("select count(*) from orders") == 0
+    await persist_all_streams(ctx_of(app))
+    order_id = await db.fetchval("select order_id from flash_sale_orders")
+    r = await buy(client, shopper, sale, key="press-1")
+    assert r.status_code == 201 and r.json()["id"] == order_id, r.text
+    assert await redis_item(app, sale) == await db_item(db, sale) == (4, {shopper["id"]: 1})
+
+
 async def test_an_address_deleted_before_the_write_falls_back_to_the_default(
     client, app, db, settings, admin_headers
 ):
