@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -817,38 +817,48 @@ def verify_token(
 
 
 WINDOW_SECONDS = 0.5
-WINDOW_CACHE_SIZE = 10_000  # events remembered per process
+MEMORY_SIZE = 10_000  # entries of each per-process memory below (ids anyone may ask about)
 
 
-async def _window(state: Any, sale_id: int) -> tuple[str, int, int] | None:
-    """(status, starts_ms, ends_ms) from Redis, cached for half a second per process.
-
-    The whole audience asks for a token at the same instant: one Redis read per event and
-    process, not one per shopper (each would hold a client connection).
-    """
-    cache: dict = getattr(state, "flash_windows", None)
+async def _remembered(
+    state: Any, memory: str, key: Any, until: float, fetch: Callable[[], Awaitable[Any]]
+) -> Any:
+    """`fetch()`'s value, remembered by this process in `state.<memory>` under `key` until the
+    monotonic time `until`. A crowd asking at the same instant waits for one fetch, not one each
+    (each would hold a Redis connection); a failed fetch is not remembered."""
+    cache: dict = getattr(state, memory, None)
     if cache is None:
-        cache = state.flash_windows = {}
-    hit = cache.get(sale_id)
-    now = time.monotonic()
-    if hit is not None and hit[0] > now:
+        cache = {}
+        setattr(state, memory, cache)
+    hit = cache.get(key)
+    if hit is not None and hit[0] > time.monotonic():
         return await asyncio.shield(hit[1])
     future = asyncio.get_running_loop().create_future()
-    if len(cache) >= WINDOW_CACHE_SIZE:  # ids anyone may ask about: bounded (a waiter keeps its future)
+    if len(cache) >= MEMORY_SIZE:  # bounded (a waiter keeps its future)
         cache.clear()
-    cache[sale_id] = (now + WINDOW_SECONDS, future)
+    cache[key] = (until, future)
     try:
-        status, starts, ends = await state.redis.hmget(
-            state.redis_keys.flash_state(sale_id), "status", "starts_ms", "ends_ms"
-        )
+        value = await fetch()
     except Exception as exc:
-        cache.pop(sale_id, None)
+        cache.pop(key, None)
         future.set_exception(exc)
         future.exception()
         raise
-    value = None if status is None else (status, int(starts), int(ends))
     future.set_result(value)
     return value
+
+
+async def _window(state: Any, sale_id: int) -> tuple[str, int, int] | None:
+    """(status, starts_ms, ends_ms) from Redis, remembered for half a second per process: the
+    whole audience asks for a token at the same instant."""
+
+    async def fetch() -> tuple[str, int, int] | None:
+        status, starts, ends = await state.redis.hmget(
+            state.redis_keys.flash_state(sale_id), "status", "starts_ms", "ends_ms"
+        )
+        return None if status is None else (status, int(starts), int(ends))
+
+    return await _remembered(state, "flash_windows", sale_id, time.monotonic() + WINDOW_SECONDS, fetch)
 
 
 async def issue_token(state: Any, conn_factory, user_id: int, sale_id: int) -> FlashTokenOut:
@@ -913,9 +923,11 @@ async def buy_call(
     """The buy call after auth and validation (shared by the Litestar route and the ASGI fast path)."""
     verify_token(state.settings, body.token, user_id, sale_id)
     # The losing crowd's path: this process's sold-out flag answers with prebuilt bytes (no
-    # exception machinery, no Redis, no PostgreSQL). A retry carrying an Idempotency-Key may be
-    # the replay of a winner: it asks Redis.
-    if idempotency_key is None and sold_out_here(state, sale_id, item_id):
+    # exception machinery, no Redis, no PostgreSQL). A request carrying an Idempotency-Key may be
+    # a winner's retry, to be answered with its order: only the item's holders ask Redis.
+    if sold_out_here(state, sale_id, item_id) and (
+        idempotency_key is None or user_id not in await _holders(state, sale_id, item_id)
+    ):
         return SOLD_OUT
     bind_app(state)
     try:
@@ -932,6 +944,20 @@ async def buy_call(
 def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
     """This process saw the item sold out less than `flash_sold_out_seconds` ago."""
     return _sold_out_flags(state).get((sale_id, item_id), 0.0) > time.monotonic()
+
+
+async def _holders(state: Any, sale_id: int, item_id: int) -> frozenset[int]:
+    """The shoppers holding units of a sold-out item (its `bought` hash: at most its quota of
+    them), read from Redis once per sold-out flag and process. Only they can have won with an
+    Idempotency-Key; anyone else's keyed request is a loser like the rest. (A unit given back and
+    won again in another process while this flag lasts, a second or so, is not seen: that winner's
+    retry would be told "sold out" until the flag ends, its order being in its order list.)"""
+
+    async def fetch() -> frozenset[int]:
+        return frozenset(map(int, await state.redis.hkeys(state.redis_keys.flash_bought(sale_id, item_id))))
+
+    until = _sold_out_flags(state).get((sale_id, item_id), 0.0)
+    return await _remembered(state, "flash_holders", (sale_id, item_id, until), until, fetch)
 
 
 def _sold_out_flags(state: Any) -> dict[tuple[int, int], float]:
