@@ -16,7 +16,9 @@ from litestar.exceptions import (
     PermissionDeniedException,
     ValidationException,
 )
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("shop.errors")
@@ -115,24 +117,34 @@ def validation_details(extra: Any) -> list[dict[str, str]]:
 
 
 # A store the request needs could not be reached or did not answer in time (down, restarting,
-# failing over, out of connections): the request may well succeed if it is tried again.
+# failing over, out of connections): the request may well succeed if it is tried again. Errors
+# that say something about the request or the code (a cancelled statement, a protocol violation,
+# a refused password, a file error) are not among them: they stay 500s.
 OUTAGES = (
-    OSError,
-    TimeoutError,
+    ConnectionError,  # refused, reset, broken pipe (the builtin: an OSError of the socket)
+    TimeoutError,  # a client-side deadline: the pool's command timeout, a batch's deadline
     asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
     RedisConnectionError,
     RedisTimeoutError,
+    RedisReadOnlyError,  # a replica promoted, the client still on the old primary
 )
+NOT_OUTAGES = (asyncpg.ProtocolViolationError, RedisAuthenticationError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, OUTAGES) and not isinstance(exc, NOT_OUTAGES)
 
 
 def outage_error(exc: BaseException) -> ShopError | None:
     """503 `service_unavailable` with Retry-After for an outage of PostgreSQL or Redis (logged as
-    a warning), None for anything else."""
-    if not isinstance(exc, OUTAGES):
+    a warning with its traceback), None for anything else."""
+    if not is_outage(exc):
         return None
-    log.warning("a store is unavailable: %s: %s", type(exc).__name__, exc)
+    log.warning("a store is unavailable: %s", type(exc).__name__, exc_info=exc)
     return Unavailable(
         "The shop cannot reach its data right now; try again shortly",
         code="service_unavailable",

@@ -80,6 +80,25 @@ class Keys:
     def flash_returned(self, event_id: int, item_id: int) -> str:
         return self._k(f"fs:{event_id}", "returned", item_id)
 
+    def flash_keyed(self, event_id: int) -> str:
+        """Set: the shoppers holding an Idempotency-Key record in the event (its winners with a key)."""
+        return self._k(f"fs:{event_id}", "keyed")
+
+    def flash_buy(
+        self, event_id: int, item_id: int, user_id: int, idempotency_key: str | None, ip: str
+    ) -> list[str]:
+        """KEYS of flash_buy.lua, in its order."""
+        return [
+            self.flash_state(event_id),
+            self.flash_item(event_id, item_id),
+            self.flash_bought(event_id, item_id),
+            self.flash_idem(event_id, user_id, idempotency_key),
+            self.flash_user_rate(event_id, user_id),
+            self.flash_ip_rate(event_id, ip),
+            self.flash_stream(event_id),
+            self.flash_keyed(event_id),
+        ]
+
     # Games (games/): every key of one game shares the hash tag {game:<id>}, so the draw script
     # runs on one Redis Cluster shard.
     def game_state(self, game_id: int) -> str:

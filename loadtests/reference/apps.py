@@ -67,16 +67,11 @@ def bare_evalsha() -> Litestar:
         user_id = int(request.headers["x-bench-user"])
         rid, now = new_reservation_id(), int(time.time() * 1000)
         payload = encode_payload({"e": sale_id, "i": item_id, "q": data.qty, "a": data.address_id, "at": now})
+        script_keys = keys.flash_buy(sale_id, item_id, user_id, None, "127.0.0.1")
         reply = await state["redis"].evalsha(
             state["sha"],
-            7,
-            keys.flash_state(sale_id),
-            keys.flash_item(sale_id, item_id),
-            keys.flash_bought(sale_id, item_id),
-            keys.flash_idem(sale_id, user_id, None),
-            keys.flash_user_rate(sale_id, user_id),
-            keys.flash_ip_rate(sale_id, "127.0.0.1"),
-            keys.flash_stream(sale_id),
+            len(script_keys),
+            *script_keys,
             now,
             user_id,
             data.qty,

@@ -31,7 +31,16 @@ import msgspec
 import redis.asyncio as aioredis
 
 from shop.db import snapshot
-from shop.errors import Conflict, Forbidden, NotFound, RateLimited, ShopError, Unavailable, ValidationFailed
+from shop.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    ShopError,
+    Unavailable,
+    ValidationFailed,
+    is_outage,
+)
 from shop.flash_sale import queries
 from shop.flash_sale.schemas import (
     FlashBuyIn,
@@ -293,6 +302,9 @@ async def rebuild_sale(
                 ex=IDEMPOTENCY_TTL + ends_in,
                 nx=True,
             )
+        if keyed:
+            pipe.sadd(keys.flash_keyed(sale_id), *{k["user_id"] for k in keyed})
+            pipe.expire(keys.flash_keyed(sale_id), IDEMPOTENCY_TTL + ends_in)
         await pipe.execute()
     for item in items:
         pairs: list[Any] = []
@@ -619,9 +631,8 @@ async def retire_in_redis(redis: aioredis.Redis, keys: Keys, sale_id: int, item_
     """A settled event sells nothing more, and every reservation in its stream is in PostgreSQL
     (settling persisted the backlog after Redis closed the event): the worker stops reading the
     stream, and the event's keys expire a day later instead of filling a `noeviction` Redis."""
-    await unregister_stream(redis, keys, KIND, keys.flash_stream(sale_id))
     async with redis.pipeline(transaction=False) as pipe:
-        for key in (keys.flash_state(sale_id), keys.flash_stream(sale_id)):
+        for key in (keys.flash_state(sale_id), keys.flash_stream(sale_id), keys.flash_keyed(sale_id)):
             pipe.expire(key, SETTLED_KEYS_TTL_SECONDS)
         for item_id in item_ids:
             for key in (
@@ -631,6 +642,8 @@ async def retire_in_redis(redis: aioredis.Redis, keys: Keys, sale_id: int, item_
             ):
                 pipe.expire(key, SETTLED_KEYS_TTL_SECONDS)
         await pipe.execute()
+    # Last: an event still registered is one not retired yet (the settle pass retries it).
+    await unregister_stream(redis, keys, KIND, keys.flash_stream(sale_id))
 
 
 async def settle_due_sales(pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys) -> int:
@@ -825,27 +838,25 @@ async def _remembered(
 ) -> Any:
     """`fetch()`'s value, remembered by this process in `state.<memory>` under `key` until the
     monotonic time `until`. A crowd asking at the same instant waits for one fetch, not one each
-    (each would hold a Redis connection); a failed fetch is not remembered."""
+    (each would hold a Redis connection). The fetch is a task of its own, so a caller that goes
+    away does not take it from the others; a failed fetch is not remembered."""
     cache: dict = getattr(state, memory, None)
     if cache is None:
         cache = {}
         setattr(state, memory, cache)
     hit = cache.get(key)
-    if hit is not None and hit[0] > time.monotonic():
-        return await asyncio.shield(hit[1])
-    future = asyncio.get_running_loop().create_future()
-    if len(cache) >= MEMORY_SIZE:  # bounded (a waiter keeps its future)
-        cache.clear()
-    cache[key] = (until, future)
-    try:
-        value = await fetch()
-    except Exception as exc:
-        cache.pop(key, None)
-        future.set_exception(exc)
-        future.exception()
-        raise
-    future.set_result(value)
-    return value
+    if hit is None or hit[0] <= time.monotonic():
+        if len(cache) >= MEMORY_SIZE:  # bounded (a waiter keeps its task)
+            cache.clear()
+        task = asyncio.get_running_loop().create_task(fetch())
+        hit = cache[key] = (until, task)
+
+        def forget_failure(done: asyncio.Task, key: Any = key) -> None:
+            if (done.cancelled() or done.exception() is not None) and cache.get(key, (0, None))[1] is done:
+                del cache[key]
+
+        task.add_done_callback(forget_failure)
+    return await asyncio.shield(hit[1])
 
 
 async def _window(state: Any, sale_id: int) -> tuple[str, int, int] | None:
@@ -924,9 +935,10 @@ async def buy_call(
     verify_token(state.settings, body.token, user_id, sale_id)
     # The losing crowd's path: this process's sold-out flag answers with prebuilt bytes (no
     # exception machinery, no Redis, no PostgreSQL). A request carrying an Idempotency-Key may be
-    # a winner's retry, to be answered with its order: only the item's holders ask Redis.
-    if sold_out_here(state, sale_id, item_id) and (
-        idempotency_key is None or user_id not in await _holders(state, sale_id, item_id)
+    # a winner's retry, to be answered with its order: only shoppers holding a key record ask Redis.
+    until = _sold_out_flags(state).get((sale_id, item_id), 0.0)
+    if until > time.monotonic() and (
+        idempotency_key is None or user_id not in await _key_holders(state, sale_id, until)
     ):
         return SOLD_OUT
     bind_app(state)
@@ -946,18 +958,17 @@ def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
     return _sold_out_flags(state).get((sale_id, item_id), 0.0) > time.monotonic()
 
 
-async def _holders(state: Any, sale_id: int, item_id: int) -> frozenset[int]:
-    """The shoppers holding units of a sold-out item (its `bought` hash: at most its quota of
-    them), read from Redis once per sold-out flag and process. Only they can have won with an
-    Idempotency-Key; anyone else's keyed request is a loser like the rest. (A unit given back and
-    won again in another process while this flag lasts, a second or so, is not seen: that winner's
-    retry would be told "sold out" until the flag ends, its order being in its order list.)"""
+async def _key_holders(state: Any, sale_id: int, until: float) -> frozenset[int]:
+    """The shoppers holding an Idempotency-Key record in the event (its `keyed` set: its winners
+    with a key, given back or not), read from Redis at most once per sold-out flag and process.
+    Only they can be retrying a win; anyone else's keyed request is a loser like the rest. (A
+    shopper winning with a key in another process after the read, which needs a unit given back
+    and won again, is seen at the next read, a flag later.)"""
 
     async def fetch() -> frozenset[int]:
-        return frozenset(map(int, await state.redis.hkeys(state.redis_keys.flash_bought(sale_id, item_id))))
+        return frozenset(map(int, await state.redis.smembers(state.redis_keys.flash_keyed(sale_id))))
 
-    until = _sold_out_flags(state).get((sale_id, item_id), 0.0)
-    return await _remembered(state, "flash_holders", (sale_id, item_id, until), until, fetch)
+    return await _remembered(state, "flash_key_holders", sale_id, until, fetch)
 
 
 def _sold_out_flags(state: Any) -> dict[tuple[int, int], float]:
@@ -992,15 +1003,7 @@ async def buy(
     fingerprint = _fingerprint(item_id, body.qty, body.address_id)
     reply = await hotpath.reserve(
         state.scripts.flash_buy,
-        keys=[
-            keys.flash_state(sale_id),
-            keys.flash_item(sale_id, item_id),
-            keys.flash_bought(sale_id, item_id),
-            keys.flash_idem(sale_id, user_id, idempotency_key),
-            keys.flash_user_rate(sale_id, user_id),
-            keys.flash_ip_rate(sale_id, ip),
-            keys.flash_stream(sale_id),
-        ],
+        keys=keys.flash_buy(sale_id, item_id, user_id, idempotency_key, ip),
         args=[
             now,
             user_id,
@@ -1037,7 +1040,19 @@ async def buy(
     if settings.flash_fault_pause_seconds and settings.env != "production":
         # Fault injection (tests): the reservation is in Redis, the order not yet in PostgreSQL.
         await asyncio.sleep(settings.flash_fault_pause_seconds)
-    order = await hotpath.commit(KIND, reservation)
+    try:
+        order = await hotpath.commit(KIND, reservation)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        # The unit is the shopper's: the reservation is in the stream, and the worker writes its
+        # order once PostgreSQL is back. Only a keyed request may be retried (the same order).
+        raise Unavailable(
+            "Your purchase was accepted; its order is being written and will be in your orders shortly"
+            + (" (retrying with the same Idempotency-Key returns it)" if idempotency_key else ""),
+            code="flash_sale.order_pending",
+            headers={"Retry-After": "1"} if idempotency_key else None,
+        ) from exc
     replayed = outcome == "replay"
     if order is None:
         # Written before: a replay, the worker got there first, or (Redis forgot the key) the

@@ -9,6 +9,8 @@
 -- KEYS[5] {fs:E}:rate:u:U   attempts of this shopper in the current second
 -- KEYS[6] {fs:E}:rate:ip:IP attempts from this client IP in the current second
 -- KEYS[7] {fs:E}:stream     the reservation stream
+-- KEYS[8] {fs:E}:keyed      set: shoppers holding an idempotency record (an API process that saw
+--                           the item sold out answers keyed requests of anyone else from memory)
 -- ARGV[1] now in ms (from Python: scripts stay deterministic)
 -- ARGV[2] user id
 -- ARGV[3] qty
@@ -88,5 +90,7 @@ if ARGV[6] == '1' then
   -- sale lasts and a while after (PostgreSQL keeps the key too: it never makes a second order).
   local ttl = tonumber(ARGV[7]) + math.max(0, math.floor((tonumber(s[3]) - now) / 1000))
   redis.call('SET', KEYS[4], ARGV[4] .. '\n' .. ARGV[8] .. '\n' .. ARGV[5], 'EX', ttl)
+  redis.call('SADD', KEYS[8], ARGV[2])
+  redis.call('EXPIRE', KEYS[8], ttl)  -- every record of the event expires at the same moment
 end
 return {'ok', ARGV[4], id, remaining}

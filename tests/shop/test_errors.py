@@ -81,6 +81,40 @@ async def test_an_unreachable_database_is_503_with_retry_after(app, client, make
     assert (await client.get("/api/v1/orders", headers=headers)).status_code == 200
 
 
+async def test_only_outages_are_503(app, client):
+    """Losing the connection to a store is retryable (503); what says something about the request
+    or the code (a cancelled statement, a refused password, a file error) stays a 500."""
+    import asyncpg
+    from redis.exceptions import AuthenticationError, ReadOnlyError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    raised = {
+        "redis-down": RedisConnectionError("Connection refused"),
+        "failover": ReadOnlyError("You can't write against a read only replica."),
+        "pg-reset": ConnectionResetError("reset by peer"),
+        "pg-shutdown": asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        "cancelled": asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+        "password": AuthenticationError("invalid password"),
+        "file": FileNotFoundError("missing.txt"),
+    }
+
+    @get("/raise/{what:str}", sync_to_thread=False)
+    def raise_it(what: str) -> None:
+        raise raised[what]
+
+    app.register(raise_it)
+    statuses = {what: (await client.get(f"/raise/{what}")).status_code for what in raised}
+    assert statuses == {
+        "redis-down": 503,
+        "failover": 503,
+        "pg-reset": 503,
+        "pg-shutdown": 503,
+        "cancelled": 500,
+        "password": 500,
+        "file": 500,
+    }
+
+
 async def test_one_structured_log_line_per_request(settings, db, caplog):
     import httpx
     import msgspec
