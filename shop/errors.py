@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import socket
 from typing import Any
 
 import asyncpg
@@ -17,6 +19,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -131,12 +134,22 @@ OUTAGES = (
     RedisConnectionError,
     RedisTimeoutError,
     RedisReadOnlyError,  # a replica promoted, the client still on the old primary
+    ClusterDownError,  # a Redis Cluster shard failing over
+    TryAgainError,
+    socket.gaierror,  # the store's host name does not resolve (DNS)
 )
 NOT_OUTAGES = (asyncpg.ProtocolViolationError, RedisAuthenticationError)
+# The bare OSErrors of a connect that could not reach the host at all.
+UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 
 
 def is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, OUTAGES) and not isinstance(exc, NOT_OUTAGES)
+    if isinstance(exc, OUTAGES):
+        return not isinstance(exc, NOT_OUTAGES)
+    if not isinstance(exc, OSError):
+        return False
+    # asyncio's connect to a name with several addresses, each refused or unreachable
+    return exc.errno in UNREACHABLE or (exc.errno is None and str(exc).startswith("Multiple exceptions: "))
 
 
 def outage_error(exc: BaseException) -> ShopError | None:

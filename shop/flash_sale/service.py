@@ -938,7 +938,7 @@ async def buy_call(
     # a winner's retry, to be answered with its order: only shoppers holding a key record ask Redis.
     until = _sold_out_flags(state).get((sale_id, item_id), 0.0)
     if until > time.monotonic() and (
-        idempotency_key is None or user_id not in await _key_holders(state, sale_id, until)
+        idempotency_key is None or user_id not in await _key_holders(state, sale_id, item_id, until)
     ):
         return SOLD_OUT
     bind_app(state)
@@ -958,7 +958,7 @@ def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
     return _sold_out_flags(state).get((sale_id, item_id), 0.0) > time.monotonic()
 
 
-async def _key_holders(state: Any, sale_id: int, until: float) -> frozenset[int]:
+async def _key_holders(state: Any, sale_id: int, item_id: int, until: float) -> frozenset[int]:
     """The shoppers holding an Idempotency-Key record in the event (its `keyed` set: its winners
     with a key, given back or not), read from Redis at most once per sold-out flag and process.
     Only they can be retrying a win; anyone else's keyed request is a loser like the rest. (A
@@ -968,7 +968,8 @@ async def _key_holders(state: Any, sale_id: int, until: float) -> frozenset[int]
     async def fetch() -> frozenset[int]:
         return frozenset(map(int, await state.redis.smembers(state.redis_keys.flash_keyed(sale_id))))
 
-    return await _remembered(state, "flash_key_holders", sale_id, until, fetch)
+    # Per item: the read comes after this item's flag was set, so it holds whoever won its last unit.
+    return await _remembered(state, "flash_key_holders", (sale_id, item_id), until, fetch)
 
 
 def _sold_out_flags(state: Any) -> dict[tuple[int, int], float]:
@@ -1001,21 +1002,31 @@ async def buy(
     now = now_ms()
     payload = _payload(sale_id, item_id, body.qty, body.address_id, now, idempotency_key)
     fingerprint = _fingerprint(item_id, body.qty, body.address_id)
-    reply = await hotpath.reserve(
-        state.scripts.flash_buy,
-        keys=keys.flash_buy(sale_id, item_id, user_id, idempotency_key, ip),
-        args=[
-            now,
-            user_id,
-            body.qty,
-            rid,
-            encode_payload(payload),
-            "1" if idempotency_key else "0",
-            IDEMPOTENCY_TTL,
-            fingerprint,
-            item_id,
-        ],
-    )
+    try:
+        reply = await hotpath.reserve(
+            state.scripts.flash_buy,
+            keys=keys.flash_buy(sale_id, item_id, user_id, idempotency_key, ip),
+            args=[
+                now,
+                user_id,
+                body.qty,
+                rid,
+                encode_payload(payload),
+                "1" if idempotency_key else "0",
+                IDEMPOTENCY_TTL,
+                fingerprint,
+                item_id,
+            ],
+        )
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        # Redis went away with the script sent or not: whether it accepted cannot be known.
+        raise _unsettled(
+            idempotency_key,
+            "flash_sale.unconfirmed",
+            "Your purchase could not be confirmed: look in your orders before pressing again",
+        ) from exc
     outcome = reply[0]
     if outcome == "ok":
         if int(reply[3]) <= 0:
@@ -1040,33 +1051,45 @@ async def buy(
     if settings.flash_fault_pause_seconds and settings.env != "production":
         # Fault injection (tests): the reservation is in Redis, the order not yet in PostgreSQL.
         await asyncio.sleep(settings.flash_fault_pause_seconds)
+    replayed = outcome == "replay"
     try:
         order = await hotpath.commit(KIND, reservation)
+        if order is None:
+            # Written before: a replay, the worker got there first, or (Redis forgot the key) the
+            # key's first order. In that last case Redis counted the units twice: `shop reconcile`
+            # finds that (never an oversell, at worst a unit held back) and rebuilds the counters.
+            async with state.pool.acquire() as conn:
+                order_id = await queries.fetch_order_id(conn, reservation.id)
+                if order_id is None and idempotency_key is not None:
+                    first = await queries.fetch_keyed_order(conn, sale_id, user_id, idempotency_key)
+                    if _fingerprint(first["item_id"], first["qty"], first["address_id"]) != fingerprint:
+                        raise key_mismatch()
+                    order_id, replayed = first["order_id"], True
+                order = await load_order(conn, order_id)
     except Exception as exc:
         if not is_outage(exc):
             raise
         # The unit is the shopper's: the reservation is in the stream, and the worker writes its
-        # order once PostgreSQL is back. Only a keyed request may be retried (the same order).
-        raise Unavailable(
-            "Your purchase was accepted; its order is being written and will be in your orders shortly"
-            + (" (retrying with the same Idempotency-Key returns it)" if idempotency_key else ""),
-            code="flash_sale.order_pending",
-            headers={"Retry-After": "1"} if idempotency_key else None,
+        # order once PostgreSQL is back.
+        raise _unsettled(
+            idempotency_key,
+            "flash_sale.order_pending",
+            "Your purchase was accepted; its order is being written and will be in your orders shortly",
         ) from exc
-    replayed = outcome == "replay"
-    if order is None:
-        # Written before: a replay, the worker got there first, or (Redis forgot the key) the
-        # key's first order. In that last case Redis counted the units twice: `shop reconcile`
-        # finds that (never an oversell, at worst a unit held back) and rebuilds the counters.
-        async with state.pool.acquire() as conn:
-            order_id = await queries.fetch_order_id(conn, reservation.id)
-            if order_id is None and idempotency_key is not None:
-                first = await queries.fetch_keyed_order(conn, sale_id, user_id, idempotency_key)
-                if _fingerprint(first["item_id"], first["qty"], first["address_id"]) != fingerprint:
-                    raise key_mismatch()
-                order_id, replayed = first["order_id"], True
-            order = await load_order(conn, order_id)
     return Bought(order, replayed)
+
+
+def _unsettled(idempotency_key: str | None, code: str, message: str) -> Unavailable:
+    """503 for a purchase a store outage left unanswered. Only a keyed request is invited to retry
+    (Retry-After): its retry is answered with the first outcome; an unkeyed retry would be a
+    second purchase."""
+    if idempotency_key is not None:
+        return Unavailable(
+            f"{message} (retrying with the same Idempotency-Key is safe)",
+            code=code,
+            headers={"Retry-After": "1"},
+        )
+    return Unavailable(message, code=code)
 
 
 # Addresses checked to be the shopper's, per process: (user id, address id) -> checked until.
@@ -1391,6 +1414,14 @@ async def check_flash_counters(ctx: ReconcileContext) -> list[Difference]:
         for field, want in expected_state.items():
             if state.get(field) != str(want):
                 diffs.append(Difference("flash_sales", subject, field, str(want), state.get(field)))
+        # Every shopper with a key record is in the keyed set (extra ones are harmless: they only
+        # send that shopper's keyed requests to Redis). The stream's tail is in both or neither.
+        keyed = {r["user_id"] for r in await queries.keyed_orders(ctx.conn, sale_id)}
+        missing = sorted(keyed - set(map(int, await ctx.redis.smembers(ctx.keys.flash_keyed(sale_id)))))
+        if missing:
+            diffs.append(
+                Difference("flash_sales", subject, "shoppers with a key record", str(missing[:10]), None)
+            )
         # Returns not yet applied to Redis (their after-commit step is pending) are expected missing.
         pending = await ctx.conn.fetch(
             """select item_id, user_id, sum(qty)::int as n from flash_sale_returns

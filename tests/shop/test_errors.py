@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
+import socket
 
 from litestar import get
 
@@ -93,6 +95,8 @@ async def test_only_outages_are_503(app, client):
         "failover": ReadOnlyError("You can't write against a read only replica."),
         "pg-reset": ConnectionResetError("reset by peer"),
         "pg-shutdown": asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        "dns": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        "no-route": OSError(errno.EHOSTUNREACH, "Connect call failed ('10.9.9.9', 5432)"),
         "cancelled": asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
         "password": AuthenticationError("invalid password"),
         "file": FileNotFoundError("missing.txt"),
@@ -109,6 +113,8 @@ async def test_only_outages_are_503(app, client):
         "failover": 503,
         "pg-reset": 503,
         "pg-shutdown": 503,
+        "dns": 503,
+        "no-route": 503,
         "cancelled": 500,
         "password": 500,
         "file": 500,

@@ -116,6 +116,14 @@ async def test_worker_persists_a_reservation_the_api_died_on_once(client, app, d
     await assert_consistent(app, db, sale)
 
 
+def assert_retry_only_when_keyed(keyed_answer, unkeyed_answer, code: str) -> None:
+    """503 `code` for both; Retry-After only on the keyed one (an unkeyed retry could buy twice)."""
+    for r in (keyed_answer, unkeyed_answer):
+        assert (r.status_code, code_of(r)) == (503, code), r.text
+    assert keyed_answer.headers["retry-after"] == "1"
+    assert "retry-after" not in unkeyed_answer.headers
+
+
 async def test_a_winner_whose_order_cannot_be_written_is_told_it_is_pending(
     client, app, db, settings, admin_headers
 ):
@@ -135,13 +143,7 @@ async def test_a_winner_whose_order_cannot_be_written_is_told_it_is_pending(
     finally:
         dead, app.state.hot_pool = app.state.hot_pool, hot_pool
         await dead.close()
-    assert (first.status_code, code_of(first), first.headers["retry-after"]) == (
-        503,
-        "flash_sale.order_pending",
-        "1",
-    )
-    assert (second.status_code, code_of(second)) == (503, "flash_sale.order_pending")
-    assert "retry-after" not in second.headers
+    assert_retry_only_when_keyed(first, second, "flash_sale.order_pending")
     assert await db.fetchval("select count(*) from orders") == 0
     await persist_all_streams(ctx_of(app))
     assert await db.fetchval("select count(*) from orders") == 2
@@ -149,6 +151,31 @@ async def test_a_winner_whose_order_cannot_be_written_is_told_it_is_pending(
     r = await buy(client, keyed, sale, key="press-1")
     assert r.status_code == 201 and r.json()["id"] == order_id, r.text
     assert await redis_item(app, sale) == await db_item(db, sale) == (3, {keyed["id"]: 1, unkeyed["id"]: 1})
+
+
+async def test_a_purchase_redis_could_not_answer_is_unconfirmed(client, app, db, settings, admin_headers):
+    """Redis unreachable for the purchase script: whether it ran cannot be known, so 503
+    `flash_sale.unconfirmed`, Retry-After only for a keyed request (its retry is answered with
+    the first outcome; an unkeyed retry could be a second purchase)."""
+    from shop.hotpath import HotPath
+    from shop.redis import create_redis
+
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    keyed, unkeyed = await buyers(db, settings, 2, sale["id"])
+    kept = getattr(app.state, "hotpath", None)
+    dead = create_redis("redis://127.0.0.1:1/0")
+    app.state.hotpath = HotPath(app.state.pool, dead, write_pool=getattr(app.state, "hot_pool", None))
+    try:
+        first = await buy(client, keyed, sale, key="press-1")
+        second = await buy(client, unkeyed, sale)
+    finally:
+        await app.state.hotpath.aclose()
+        app.state.hotpath = kept
+        await dead.aclose()
+    assert_retry_only_when_keyed(first, second, "flash_sale.unconfirmed")
+    r = await buy(client, keyed, sale, key="press-1")  # Redis back: the keyed retry buys once
+    assert r.status_code == 201, r.text
+    assert await redis_item(app, sale) == await db_item(db, sale) == (4, {keyed["id"]: 1})
 
 
 async def test_an_address_deleted_before_the_write_falls_back_to_the_default(
