@@ -431,6 +431,16 @@ async def test_a_fetch_shared_by_a_crowd_survives_its_first_caller_going_away(ap
     assert fetched == [1]
     assert first.cancelled()
 
+    # A failed fetch reaches everyone waiting on it and is not remembered: the next ask fetches.
+    async def failing():
+        fetched.append(2)
+        raise ConnectionError("redis went away")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await service._remembered(app.state, "test_memory", 2, until, failing)
+    assert fetched == [1, 2, 2]
+
 
 async def test_window_token_and_refusal_codes(client, app, db, settings, admin_headers, make_user):
     sale = await make_sale(client, admin_headers, db, quota=5, starts={"minutes": 10})
@@ -612,6 +622,9 @@ async def test_keyed_losers_of_a_sold_out_item_are_answered_without_redis(
     assert {(r.status_code, code_of(r)) for r in losers} == {(409, "flash_sale.sold_out")}
     assert await calls("evalsha") == before[0]
     assert await calls("smembers") == before[1] + 1  # one read for the whole crowd
+    # The set lives as long as the key records: until a day after the sale's end.
+    keyed_ttl = await app.state.redis.ttl(Keys(settings.redis_prefix).flash_keyed(sale["id"]))
+    assert 3600 + 86_400 - 60 < keyed_ttl <= 3600 + service.IDEMPOTENCY_TTL, keyed_ttl
     # Retries of wins are answered from Redis with their orders: the cancelled one too.
     for shopper, key, first in ((shoppers[1], "press-1", won[1]), (shoppers[0], "press-0", won[0])):
         again = await buy(client, shopper, sale, key=key)

@@ -426,7 +426,7 @@ async def test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire(
     ended = await make_sale(client, admin_headers, db, quota=5)
     live = await make_sale(client, admin_headers, db, quota=5)
     shoppers = await buyers(db, settings, 2, ended["id"])
-    assert (await buy(client, shoppers[0], ended)).status_code == 201
+    assert (await buy(client, shoppers[0], ended, key="press-1")).status_code == 201
     keys, redis = Keys(settings.redis_prefix), app.state.redis
 
     def keys_of(sale):
@@ -436,6 +436,7 @@ async def test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire(
             keys.flash_stream(sale["id"]),
             keys.flash_item(sale["id"], item_id),
             keys.flash_bought(sale["id"], item_id),
+            keys.flash_keyed(sale["id"]),
         ]
 
     async def registered():
