@@ -136,7 +136,6 @@ OUTAGES = (
     RedisReadOnlyError,  # a replica promoted, the client still on the old primary
     ClusterDownError,  # a Redis Cluster shard failing over
     TryAgainError,
-    socket.gaierror,  # the store's host name does not resolve (DNS)
 )
 NOT_OUTAGES = (asyncpg.ProtocolViolationError, RedisAuthenticationError)
 # The bare OSErrors of a connect that could not reach the host at all.
@@ -146,6 +145,8 @@ UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENE
 def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, OUTAGES):
         return not isinstance(exc, NOT_OUTAGES)
+    if isinstance(exc, socket.gaierror):  # DNS: a temporary failure (a name that does not exist is a 500)
+        return exc.errno == socket.EAI_AGAIN
     if not isinstance(exc, OSError):
         return False
     # asyncio's connect to a name with several addresses, each refused or unreachable

@@ -1022,6 +1022,7 @@ async def buy(
         if not is_outage(exc):
             raise
         # Redis went away with the script sent or not: whether it accepted cannot be known.
+        log.warning("flash sale %s: purchase unconfirmed, Redis unavailable", sale_id, exc_info=exc)
         raise _unsettled(
             idempotency_key,
             "flash_sale.unconfirmed",
@@ -1071,6 +1072,12 @@ async def buy(
             raise
         # The unit is the shopper's: the reservation is in the stream, and the worker writes its
         # order once PostgreSQL is back.
+        log.warning(
+            "flash sale %s: reservation %s accepted, order not yet written",
+            sale_id,
+            reservation.id,
+            exc_info=exc,
+        )
         raise _unsettled(
             idempotency_key,
             "flash_sale.order_pending",

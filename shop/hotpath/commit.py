@@ -206,23 +206,27 @@ class ScriptPipeliner:
     async def _roundtrip(self, batch: list) -> list[Any]:
         """Every call of the batch on one connection; each reply, or the error Redis answered.
 
-        A failure after the send fails the whole batch and is not retried: whether the scripts
-        ran cannot be known (a winner's reservation is in the stream either way, and the worker
-        persists it)."""
+        A failure after the send is not retried: whether the unanswered scripts ran cannot be
+        known (a winner's reservation is in the stream either way, and the worker persists it).
+        The replies read before it stand; each call still unanswered gets the failure."""
         packed = _pack([("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
-        async with asyncio.timeout(self.timeout):
-            conn = await self._connection()
-            try:
+        replies: list[Any] = []
+        conn = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await self._connection()
                 await conn.send_packed_command(packed, check_health=False)
-                replies: list[Any] = []
                 for _ in batch:
                     try:
                         replies.append(await conn.read_response())
                     except ResponseError as exc:
                         replies.append(exc)
-            except BaseException:
+        except BaseException as exc:
+            if conn is not None:
                 await self._discard(conn)
+            if isinstance(exc, asyncio.CancelledError) or not replies:
                 raise
+            return replies + [exc] * (len(batch) - len(replies))
         if len(self._idle) < self.MAX_IDLE:
             self._idle.append(conn)
         else:

@@ -87,7 +87,7 @@ async def test_only_outages_are_503(app, client):
     """Losing the connection to a store is retryable (503); what says something about the request
     or the code (a cancelled statement, a refused password, a file error) stays a 500."""
     import asyncpg
-    from redis.exceptions import AuthenticationError, ReadOnlyError
+    from redis.exceptions import AuthenticationError, ClusterDownError, ReadOnlyError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     raised = {
@@ -95,8 +95,14 @@ async def test_only_outages_are_503(app, client):
         "failover": ReadOnlyError("You can't write against a read only replica."),
         "pg-reset": ConnectionResetError("reset by peer"),
         "pg-shutdown": asyncpg.AdminShutdownError("terminating connection due to administrator command"),
-        "dns": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        "dns": socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        "no-such-host": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
         "no-route": OSError(errno.EHOSTUNREACH, "Connect call failed ('10.9.9.9', 5432)"),
+        "every-address": OSError(
+            "Multiple exceptions: [Errno 111] Connect call failed ('::1', 6379, 0, 0), ..."
+        ),
+        "cluster-down": ClusterDownError("CLUSTERDOWN The cluster is down"),
+        "try-again": TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
         "cancelled": asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
         "password": AuthenticationError("invalid password"),
         "file": FileNotFoundError("missing.txt"),
@@ -114,7 +120,11 @@ async def test_only_outages_are_503(app, client):
         "pg-reset": 503,
         "pg-shutdown": 503,
         "dns": 503,
+        "no-such-host": 500,
         "no-route": 503,
+        "every-address": 503,
+        "cluster-down": 503,
+        "try-again": 503,
         "cancelled": 500,
         "password": 500,
         "file": 500,

@@ -153,7 +153,9 @@ async def test_a_winner_whose_order_cannot_be_written_is_told_it_is_pending(
     assert await redis_item(app, sale) == await db_item(db, sale) == (3, {keyed["id"]: 1, unkeyed["id"]: 1})
 
 
-async def test_a_purchase_redis_could_not_answer_is_unconfirmed(client, app, db, settings, admin_headers):
+async def test_a_purchase_redis_could_not_answer_is_unconfirmed(
+    client, app, db, settings, admin_headers, caplog
+):
     """Redis unreachable for the purchase script: whether it ran cannot be known, so 503
     `flash_sale.unconfirmed`, Retry-After only for a keyed request (its retry is answered with
     the first outcome; an unkeyed retry could be a second purchase)."""
@@ -173,6 +175,8 @@ async def test_a_purchase_redis_could_not_answer_is_unconfirmed(client, app, db,
         app.state.hotpath = kept
         await dead.aclose()
     assert_retry_only_when_keyed(first, second, "flash_sale.unconfirmed")
+    logged = [r for r in caplog.records if r.name == "shop.flash_sale" and r.levelname == "WARNING"]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)  # the outage is on record
     r = await buy(client, keyed, sale, key="press-1")  # Redis back: the keyed retry buys once
     assert r.status_code == 201, r.text
     assert await redis_item(app, sale) == await db_item(db, sale) == (4, {keyed["id"]: 1})

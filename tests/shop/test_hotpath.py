@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
 
 from shop.coupons.service import persist_claims
 from shop.hotpath import (
@@ -198,8 +199,9 @@ async def test_claims_keep_working_while_the_worker_runs(app, client, db, settin
     assert await db.fetchval("select count(*) from coupons") == 50
 
 
-async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
-    """A kept connection Redis closed (a restart, its idle timeout, a proxy) is not used again."""
+@asynccontextmanager
+async def echo_pipeliner(settings):
+    """A ScriptPipeliner on a client of its own, an echo script, and the one connection it keeps."""
     from shop.hotpath.commit import ScriptPipeliner
     from shop.redis import create_redis
 
@@ -208,9 +210,19 @@ async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
     await script(keys=[], args=["warm"])
     pipeliner = ScriptPipeliner(redis)
     try:
-        assert await pipeliner.call(script, [], ["a"]) == "a"
+        assert await pipeliner.call(script, [], ["warm"]) == "warm"
         [conn] = pipeliner._idle
+        yield pipeliner, script, conn
+    finally:
+        await pipeliner.aclose()
+        await redis.aclose()
+
+
+async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
+    """A kept connection Redis closed (a restart, its idle timeout, a proxy) is not used again."""
+    async with echo_pipeliner(settings) as (pipeliner, script, conn):
         await conn.send_command("CLIENT", "ID")
+        redis = pipeliner.redis
         await redis.execute_command("CLIENT", "KILL", "ID", await conn.read_response())
         await asyncio.sleep(0.05)
         assert await asyncio.gather(*(pipeliner.call(script, [], [str(i)]) for i in range(3))) == [
@@ -219,10 +231,33 @@ async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
             "2",
         ]
         assert conn not in pipeliner._idle and len(pipeliner._open) == 1
-    finally:
-        await pipeliner.aclose()
-        await redis.aclose()
     assert pipeliner._open == set()
+
+
+async def test_replies_read_before_a_batch_fails_stand(settings):
+    """The connection drops after the first reply of a pipelined batch: that call's outcome is
+    known and stands; only the calls still unanswered get the failure."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async with echo_pipeliner(settings) as (pipeliner, script, conn):
+        read = conn.read_response
+        answered = []
+
+        async def drop_after_the_first(*args, **kwargs):
+            if answered:
+                await conn.disconnect()
+                raise RedisConnectionError("Connection reset by peer")
+            answered.append(await read(*args, **kwargs))
+            return answered[-1]
+
+        conn.read_response = drop_after_the_first
+        results = await asyncio.gather(
+            *(pipeliner.call(script, [], [str(i)]) for i in range(3)), return_exceptions=True
+        )
+        assert results[0] == "0"
+        assert [type(r) for r in results[1:]] == [RedisConnectionError, RedisConnectionError]
+        assert conn not in pipeliner._idle and conn not in pipeliner._open  # not used again
+        assert await pipeliner.call(script, [], ["after"]) == "after"
 
 
 async def test_a_pipeline_to_a_server_that_never_answers_fails_at_the_clients_timeout():
