@@ -471,6 +471,37 @@ async def test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire(
     )
 
 
+async def test_a_retire_cut_short_is_finished_by_the_settle_pass(
+    client, app, db, settings, admin_headers, monkeypatch
+):
+    """Redis fails after a settled event's keys got their expiry and before its stream left the
+    worker's list: the stop still answers (settling is committed), and the event, still listed,
+    is retired by the worker's next settle pass."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    assert (await buy(client, shopper, sale, key="press-1")).status_code == 201
+    keys, redis = Keys(settings.redis_prefix), app.state.redis
+    unregister = service.unregister_stream
+    failures = []
+
+    async def fail_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RedisConnectionError("Connection reset by peer")
+        await unregister(*args)
+
+    monkeypatch.setattr(service, "unregister_stream", fail_once)
+    r = await client.post(f"{ADMIN}/{sale['id']}/stop", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["status"] == "settled", r.text
+    stream = keys.flash_stream(sale["id"])
+    assert stream in await service.registered_streams(redis, keys, service.KIND)
+    assert 0 < await redis.ttl(keys.flash_state(sale["id"])) <= service.SETTLED_KEYS_TTL_SECONDS
+    assert await settle_flash_sales(ctx_of(app)) == 0
+    assert stream not in await service.registered_streams(redis, keys, service.KIND)
+
+
 async def test_redis_flushed_mid_sale_is_rebuilt_by_reconcile_with_no_oversell(
     client, app, db, settings, admin_headers
 ):
