@@ -57,6 +57,7 @@ from shop.flash_sale.schemas import (
 from shop.hotpath import (
     HotPath,
     Reservation,
+    ScriptsNotSent,
     encode_payload,
     hotpath_of,
     new_reservation_id,
@@ -1019,9 +1020,9 @@ async def buy(
             ],
         )
     except Exception as exc:
-        if not is_outage(exc):
-            raise
-        # Redis went away with the script sent or not: whether it accepted cannot be known.
+        if not is_outage(exc) or isinstance(exc, ScriptsNotSent):
+            raise  # (not sent: nothing ran, a retry is a first try: the plain outage answer)
+        # Redis went away after the script was sent: whether it accepted cannot be known.
         log.warning("flash sale %s: purchase unconfirmed, Redis unavailable", sale_id, exc_info=exc)
         raise _unsettled(
             idempotency_key,

@@ -6,7 +6,7 @@ reservation (`HotPath.reserve`), the API group-commits winners before answering
 `shop reconcile` rebuilds the counters from PostgreSQL (shop/reconcile.py).
 """
 
-from shop.hotpath.commit import GroupCommitter, HotPath, hotpath_of
+from shop.hotpath.commit import GroupCommitter, HotPath, ScriptsNotSent, hotpath_of
 from shop.hotpath.streams import (
     GROUP,
     PERSISTERS,
@@ -32,6 +32,7 @@ __all__ = [
     "GroupCommitter",
     "HotPath",
     "Reservation",
+    "ScriptsNotSent",
     "consumer_name",
     "count_tail",
     "encode_payload",

@@ -17,6 +17,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shop.hotpath.streams import PERSISTERS, SINGLE_STATEMENT, Persist, Reservation
 
@@ -122,6 +123,10 @@ class GroupCommitter:
                     future.set_result(results.get(reservation.id))
 
 
+class ScriptsNotSent(ConnectionError):
+    """No connection to Redis could be made for a batch: none of its scripts ran."""
+
+
 def _pack(commands: list[tuple[Any, ...]]) -> bytes:
     """RESP for the commands; hiredis's C packer is ~5x faster than redis-py's."""
     return b"".join([hiredis.pack_command(command) for command in commands])
@@ -187,6 +192,14 @@ class ScriptPipeliner:
             await self._discard(conn)
         conn = self.redis.connection_pool.connection_class(**self._connection_kwargs)
         self._open.add(conn)
+        try:
+            await conn.connect()
+        except (ConnectionError, RedisTimeoutError, OSError) as exc:
+            await self._discard(conn)
+            raise ScriptsNotSent(f"Redis unreachable: {exc}") from exc
+        except BaseException:  # the batch's deadline, or a cancellation: not kept half-open
+            await self._discard(conn)
+            raise
         return conn
 
     async def _discard(self, conn: Any) -> None:

@@ -153,12 +153,42 @@ async def test_a_winner_whose_order_cannot_be_written_is_told_it_is_pending(
     assert await redis_item(app, sale) == await db_item(db, sale) == (3, {keyed["id"]: 1, unkeyed["id"]: 1})
 
 
-async def test_a_purchase_redis_could_not_answer_is_unconfirmed(
-    client, app, db, settings, admin_headers, caplog
+async def test_a_purchase_whose_reply_was_lost_is_unconfirmed(
+    client, app, db, settings, admin_headers, caplog, monkeypatch
 ):
-    """Redis unreachable for the purchase script: whether it ran cannot be known, so 503
-    `flash_sale.unconfirmed`, Retry-After only for a keyed request (its retry is answered with
-    the first outcome; an unkeyed retry could be a second purchase)."""
+    """The purchase scripts ran but their replies were lost (the connection dropped after the
+    send): whether they accepted cannot be known, so 503 `flash_sale.unconfirmed`, Retry-After
+    only for a keyed request (its retry is answered with the first outcome; an unkeyed retry could
+    be a second purchase). Both won: the worker writes their orders."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from shop.hotpath.commit import ScriptPipeliner
+
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    keyed, unkeyed = await buyers(db, settings, 2, sale["id"])
+    roundtrip = ScriptPipeliner._roundtrip
+
+    async def replies_lost(self, batch):
+        await roundtrip(self, batch)
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(ScriptPipeliner, "_roundtrip", replies_lost)
+    first = await buy(client, keyed, sale, key="press-1")
+    second = await buy(client, unkeyed, sale)
+    monkeypatch.setattr(ScriptPipeliner, "_roundtrip", roundtrip)
+    assert_retry_only_when_keyed(first, second, "flash_sale.unconfirmed")
+    logged = [r for r in caplog.records if r.name == "shop.flash_sale" and r.levelname == "WARNING"]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)  # the outage is on record
+    await persist_all_streams(ctx_of(app))
+    assert await db.fetchval("select count(*) from orders") == 2
+    r = await buy(client, keyed, sale, key="press-1")  # the keyed retry: its order, not a second one
+    assert r.status_code == 201 and r.headers["idempotent-replayed"] == "true", r.text
+    assert await redis_item(app, sale) == await db_item(db, sale) == (3, {keyed["id"]: 1, unkeyed["id"]: 1})
+
+
+async def test_a_purchase_redis_never_got_is_a_plain_outage(client, app, db, settings, admin_headers):
+    """No connection to Redis at all: no script ran, so a retry is a first try, keyed or not: 503
+    `service_unavailable` with Retry-After."""
     from shop.hotpath import HotPath
     from shop.redis import create_redis
 
@@ -168,17 +198,15 @@ async def test_a_purchase_redis_could_not_answer_is_unconfirmed(
     dead = create_redis("redis://127.0.0.1:1/0")
     app.state.hotpath = HotPath(app.state.pool, dead, write_pool=getattr(app.state, "hot_pool", None))
     try:
-        first = await buy(client, keyed, sale, key="press-1")
-        second = await buy(client, unkeyed, sale)
+        answers = [await buy(client, keyed, sale, key="press-1"), await buy(client, unkeyed, sale)]
     finally:
         await app.state.hotpath.aclose()
         app.state.hotpath = kept
         await dead.aclose()
-    assert_retry_only_when_keyed(first, second, "flash_sale.unconfirmed")
-    logged = [r for r in caplog.records if r.name == "shop.flash_sale" and r.levelname == "WARNING"]
-    assert len(logged) == 2 and all(r.exc_info for r in logged)  # the outage is on record
+    for r in answers:
+        assert (r.status_code, code_of(r), r.headers.get("retry-after")) == (503, "service_unavailable", "1")
     r = await buy(client, keyed, sale, key="press-1")  # Redis back: the keyed retry buys once
-    assert r.status_code == 201, r.text
+    assert r.status_code == 201 and "idempotent-replayed" not in r.headers, r.text
     assert await redis_item(app, sale) == await db_item(db, sale) == (4, {keyed["id"]: 1})
 
 
