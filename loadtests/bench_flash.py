@@ -137,18 +137,24 @@ def wrk(port: int, path: str, shoppers: Path, args, script: Path = HERE / "wrk" 
     }
 
 
+def buy_once(port: int, path: str, row) -> httpx.Response:
+    """One buy call as the shopper `row` (user id, JWT, address id, purchase token), as wrk sends it."""
+    uid, jwt, address, token = row
+    return httpx.post(
+        f"http://127.0.0.1:{port}{path}",
+        json={"qty": 1, "address_id": address, "token": token},
+        headers={"Authorization": f"Bearer {jwt}", "X-Bench-User": str(uid)},
+        timeout=10,
+    )
+
+
 def check_answers(port: int, path: str, rows, app: str, phase: str) -> None:
     """What the load was answered with, sampled after the run: every answer a winner's 201 in
     stock, a 409 `flash_sale.sold_out` when sold out. A broken setup (say, every request a 401)
     would otherwise be measured as a fast sold-out phase."""
     want = (201, None) if phase == "stock" else (409, "flash_sale.sold_out")
-    for uid, jwt, address, token in rows[1:4]:
-        r = httpx.post(
-            f"http://127.0.0.1:{port}{path}",
-            json={"qty": 1, "address_id": address, "token": token},
-            headers={"Authorization": f"Bearer {jwt}", "X-Bench-User": str(uid)},
-            timeout=10,
-        )
+    for row in rows[1:4]:
+        r = buy_once(port, path, row)
         code = r.json().get("error", {}).get("code") if r.status_code >= 400 else None
         if (r.status_code, code) != want:
             raise SystemExit(f"{app} {phase}: expected {want}, got {r.status_code} {r.text[:200]}")
@@ -327,13 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                     path, rows = _target(app, phase, plan, shoppers)
                     if phase == "sold_out" and app in ("shop", "bare_evalsha") and app not in sold_first:
                         sold_first.add(app)  # sell the one unit first
-                        first = rows[0]
-                        httpx.post(
-                            f"http://127.0.0.1:{args.port}{path}",
-                            json={"qty": 1, "address_id": first[2], "token": first[3]},
-                            headers={"Authorization": f"Bearer {first[1]}", "X-Bench-User": str(first[0])},
-                            timeout=10,
-                        )
+                        buy_once(args.port, path, rows[0])
                     file = tmp / f"{app}_{phase}.txt"
                     write_shoppers(rows, file)
                     r = wrk(args.port, path, file, args)

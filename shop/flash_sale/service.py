@@ -852,7 +852,7 @@ async def _remembered(
         task = asyncio.get_running_loop().create_task(fetch())
         hit = cache[key] = (until, task)
 
-        def forget_failure(done: asyncio.Task, key: Any = key) -> None:
+        def forget_failure(done: asyncio.Task) -> None:
             if (done.cancelled() or done.exception() is not None) and cache.get(key, (0, None))[1] is done:
                 del cache[key]
 
@@ -937,8 +937,8 @@ async def buy_call(
     # The losing crowd's path: this process's sold-out flag answers with prebuilt bytes (no
     # exception machinery, no Redis, no PostgreSQL). A request carrying an Idempotency-Key may be
     # a winner's retry, to be answered with its order: only shoppers holding a key record ask Redis.
-    until = _sold_out_flags(state).get((sale_id, item_id), 0.0)
-    if until > time.monotonic() and (
+    until = sold_out_until(state, sale_id, item_id)
+    if until and (
         idempotency_key is None or user_id not in await _key_holders(state, sale_id, item_id, until)
     ):
         return SOLD_OUT
@@ -956,7 +956,13 @@ async def buy_call(
 
 def sold_out_here(state: Any, sale_id: int, item_id: int) -> bool:
     """This process saw the item sold out less than `flash_sold_out_seconds` ago."""
-    return _sold_out_flags(state).get((sale_id, item_id), 0.0) > time.monotonic()
+    return sold_out_until(state, sale_id, item_id) > 0.0
+
+
+def sold_out_until(state: Any, sale_id: int, item_id: int) -> float:
+    """When this process's sold-out flag for the item ends (monotonic time), 0.0 if none is up."""
+    until = _sold_out_flags(state).get((sale_id, item_id), 0.0)
+    return until if until > time.monotonic() else 0.0
 
 
 async def _key_holders(state: Any, sale_id: int, item_id: int, until: float) -> frozenset[int]:
@@ -1023,8 +1029,9 @@ async def buy(
         if not is_outage(exc) or isinstance(exc, ScriptsNotSent):
             raise  # (not sent: nothing ran, a retry is a first try: the plain outage answer)
         # Redis went away after the script was sent: whether it accepted cannot be known.
-        log.warning("flash sale %s: purchase unconfirmed, Redis unavailable", sale_id, exc_info=exc)
         raise _unsettled(
+            exc,
+            sale_id,
             idempotency_key,
             "flash_sale.unconfirmed",
             "Your purchase could not be confirmed: look in your orders before pressing again",
@@ -1073,13 +1080,9 @@ async def buy(
             raise
         # The unit is the shopper's: the reservation is in the stream, and the worker writes its
         # order once PostgreSQL is back.
-        log.warning(
-            "flash sale %s: reservation %s accepted, order not yet written",
-            sale_id,
-            reservation.id,
-            exc_info=exc,
-        )
         raise _unsettled(
+            exc,
+            sale_id,
             idempotency_key,
             "flash_sale.order_pending",
             "Your purchase was accepted; its order is being written and will be in your orders shortly",
@@ -1087,10 +1090,13 @@ async def buy(
     return Bought(order, replayed)
 
 
-def _unsettled(idempotency_key: str | None, code: str, message: str) -> Unavailable:
-    """503 for a purchase a store outage left unanswered. Only a keyed request is invited to retry
-    (Retry-After): its retry is answered with the first outcome; an unkeyed retry would be a
-    second purchase."""
+def _unsettled(
+    outage: Exception, sale_id: int, idempotency_key: str | None, code: str, message: str
+) -> Unavailable:
+    """503 for a purchase a store outage left unanswered (the outage logged). Only a keyed request
+    is invited to retry (Retry-After): its retry is answered with the first outcome; an unkeyed
+    retry would be a second purchase."""
+    log.warning("flash sale %s: purchase answered %s, a store is unavailable", sale_id, code, exc_info=outage)
     if idempotency_key is not None:
         return Unavailable(
             f"{message} (retrying with the same Idempotency-Key is safe)",
