@@ -9,6 +9,7 @@ chances) subscribe here instead of being called from the payment path.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,20 @@ class OrderEvent:
 # ctx is the worker's JobContext (pool, redis, settings, …); conn is inside the delivery transaction.
 Handler = Callable[[asyncpg.Connection, OrderEvent, Any], Awaitable[None]]
 HANDLERS: dict[str, list[tuple[str, Handler]]] = {}
+
+
+def subscribed(event_type: str) -> bool:
+    """Whether any handler subscribes to the event type.
+
+    The registry is complete only once every module holding a handler is imported: the worker's
+    module list (every domain with handlers has jobs there) is imported first, so an API process
+    sees the registry the dispatching worker sees.
+    """
+    from shop.worker import JOB_MODULES  # late: shop.worker's domains import this module
+
+    for module in JOB_MODULES:
+        importlib.import_module(module)
+    return bool(HANDLERS.get(event_type))
 
 
 def on_order_event(event_type: str, name: str) -> Callable[[Handler], Handler]:

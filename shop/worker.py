@@ -26,7 +26,8 @@ from shop.settings import Settings
 
 log = logging.getLogger("shop.worker")
 
-# Modules whose import registers jobs with @periodic; a domain that adds jobs adds its module here.
+# Modules whose import registers jobs with @periodic and order-event handlers with @on_order_event
+# (shop.events.subscribed relies on it); a domain that adds either adds its module here.
 JOB_MODULES: list[str] = [
     "shop.worker",
     "shop.orders.jobs",

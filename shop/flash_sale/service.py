@@ -41,6 +41,7 @@ from shop.errors import (
     ValidationFailed,
     is_outage,
 )
+from shop.events import subscribed
 from shop.flash_sale import queries
 from shop.flash_sale.schemas import (
     FlashBuyIn,
@@ -1160,7 +1161,7 @@ async def explain_cold(conn: asyncpg.Connection, sale_id: int, item_id: int) -> 
 
 
 # One statement per batch of winners (one round trip, one plan): the links, the orders, their
-# lines and the `order.created` events, each a data-modifying CTE over the same input (a flash
+# lines and (when subscribed) the `order.created` events, each a data-modifying CTE over the same input (a flash
 # order has one line). No counter row is updated: an item's sold units are counted from the
 # rows. A reservation already written (same id), or a second reservation with an
 # Idempotency-Key that already has an order (Redis forgot the key), is skipped: both conflicts
@@ -1223,13 +1224,21 @@ with links as (
     order by n.order_id
     returning id, order_id, sku_id, product_id, title, specs, image_url, unit_price, qty, line_amount,
         discount_amount, payable_amount, refunded_qty, refunded_amount
-), ev as (
+){{events}}
+select o.*, links.reservation_id, {", ".join(f"l.{c} as line_{c}" for c in _LINE_COLUMNS)}
+from o join links on links.order_id = o.id join l on l.order_id = o.id"""
+# The `order.created` outbox rows, only while a handler subscribes to that type: none does, and
+# at a rush the event row was 10-15% of PostgreSQL's CPU per winner (and one more update each
+# when the worker dispatched it to nobody). BENCHMARKS.md, "fifth session".
+CREATED_EVENTS = """, ev as (
     insert into order_events (order_id, type, payload)
     select o.id, 'order.created', jsonb_build_object('kind', 'flash_sale', 'payable_amount', o.payable_amount)
     from o
-)
-select o.*, links.reservation_id, {", ".join(f"l.{c} as line_{c}" for c in _LINE_COLUMNS)}
-from o join links on links.order_id = o.id join l on l.order_id = o.id"""
+)"""
+PERSIST_STATEMENTS = {
+    subscribers: PERSIST.replace("{events}", CREATED_EVENTS if subscribers else "")
+    for subscribers in (False, True)
+}
 
 
 @register_persister(KIND, single_statement=True)
@@ -1238,7 +1247,7 @@ async def persist_flash_orders(
 ) -> dict[str, OrderOut]:
     """Many winners' orders in one statement; a reservation already written is skipped. Returns the new orders by reservation id (the API answers with them without reading back)."""
     rows = await conn.fetch(
-        PERSIST,
+        PERSIST_STATEMENTS[subscribed("order.created")],
         [e.id for e in entries],
         [e.user_id for e in entries],
         [e.payload["i"] for e in entries],

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 
+from shop import events
 from shop.errors import ShopError
 from shop.flash_sale import service
 from shop.flash_sale.service import make_token, verify_token
@@ -134,11 +137,60 @@ async def test_publish_sets_quota_aside_and_a_winner_gets_a_real_order(
     row = await db.fetchrow("select kind, activity_id, payable_amount from orders where id = $1", order["id"])
     assert (row["kind"], row["activity_id"]) == ("flash_sale", sale["id"])
     assert await db.fetchval("select count(*) from order_lines where order_id = $1", order["id"]) == 1
-    assert await db.fetchval("select count(*) from order_events where order_id = $1", order["id"]) == 1
+    # Nothing subscribes to order.created: the hot path writes no outbox row for it.
+    assert await db.fetchval("select count(*) from order_events where order_id = $1", order["id"]) == 0
     assert await redis_item(app, sale) == await db_item(db, sale) == (19, {shopper["id"]: 1})
     # The order reads back like any order, exactly as the 201 gave it (built from the insert's rows).
     r = await client.get(f"/api/v1/orders/{order['id']}", headers=shopper["headers"])
     assert r.status_code == 200 and r.json() == order
+
+
+async def test_a_subscribed_order_created_event_is_written_with_the_winners_order(
+    client, app, db, settings, admin_headers
+):
+    saved = {k: list(v) for k, v in events.HANDLERS.items()}
+    seen = []
+
+    async def created(conn, event, ctx):
+        seen.append((event.order_id, event.payload))
+
+    try:
+        events.on_order_event("order.created", "test.flash_created")(created)
+        sale = await make_sale(client, admin_headers, db, quota=5)
+        [shopper] = await buyers(db, settings, 1, sale["id"])
+        r = await buy(client, shopper, sale)
+        assert r.status_code == 201, r.text
+        order = r.json()
+        rows = await db.fetch("select type, payload from order_events where order_id = $1", order["id"])
+        assert [(e["type"], e["payload"]) for e in rows] == [
+            ("order.created", {"kind": "flash_sale", "payable_amount": order["payable_amount"]})
+        ]
+        while await events.dispatch_order_events(app.state.pool, None):
+            pass
+        assert (order["id"], {"kind": "flash_sale", "payable_amount": order["payable_amount"]}) in seen
+    finally:
+        events.HANDLERS.clear()
+        events.HANDLERS.update(saved)
+
+
+def test_every_order_event_handler_is_registered_by_the_worker_module_list():
+    """`events.subscribed` relies on the worker's module list: importing every module of the
+    project registers no handler that importing that list alone does not (a fresh interpreter)."""
+    script = """
+import importlib, pkgutil, sys
+import shop, games
+from shop import events
+events.subscribed("order.paid")
+listed = {(t, n) for t, hs in events.HANDLERS.items() for n, _ in hs}
+for package in (shop, games):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
+every = {(t, n) for t, hs in events.HANDLERS.items() for n, _ in hs}
+print(sorted(every - listed), len(every))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    missing, count = out.rsplit(" ", 1)
+    assert missing == "[]" and int(count) >= 4, out
 
 
 async def test_publishing_more_than_the_stock_is_409_and_nothing_moves(client, db, admin_headers):
