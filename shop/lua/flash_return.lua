@@ -14,6 +14,12 @@ end
 if redis.call('HSETNX', KEYS[3], ARGV[1], 1) == 0 then
   return 'done'
 end
+-- A retired event's keys expire (settlement): a return applied after that (its after-commit step
+-- ran late) must not leave this item's `returned` hash behind for good.
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
 local qty = tonumber(ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'remaining', qty)
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -qty) <= 0 then

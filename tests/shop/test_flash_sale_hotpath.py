@@ -499,6 +499,38 @@ async def test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire(
     )
 
 
+async def test_a_return_applied_after_the_retire_leaves_no_key_without_expiry(
+    client, app, db, settings, admin_headers
+):
+    """A return's after-commit Redis step can run after settlement retired the event (the order was
+    cancelled just before the end): the item's `returned` hash it creates expires with the rest."""
+    sale = await make_sale(client, admin_headers, db, quota=5)
+    [shopper] = await buyers(db, settings, 1, sale["id"])
+    assert (await buy(client, shopper, sale)).status_code == 201
+    r = await client.post(f"{ADMIN}/{sale['id']}/stop", headers=admin_headers)
+    assert r.status_code == 200 and r.json()["status"] == "settled"
+    keys, redis = Keys(settings.redis_prefix), app.state.redis
+    item_id = sale["items"][0]["id"]
+    returned = keys.flash_returned(sale["id"], item_id)
+    assert await redis.exists(returned) == 0
+    service.bind_app(app.state)
+    assert (
+        await service.apply_returns(
+            service._runtime["current"], [(987654, sale["id"], item_id, shopper["id"], 1)]
+        )
+        == 1
+    )
+    item_ttl = await redis.pttl(keys.flash_item(sale["id"], item_id))
+    assert 0 < await redis.pttl(returned) <= item_ttl, (await redis.pttl(returned), item_ttl)
+    # A live event's keys have no expiry, and its `returned` hash gets none.
+    live = await make_sale(client, admin_headers, db, quota=5)
+    live_item = live["items"][0]["id"]
+    await service.apply_returns(
+        service._runtime["current"], [(987655, live["id"], live_item, shopper["id"], 1)]
+    )
+    assert await redis.ttl(keys.flash_returned(live["id"], live_item)) == -1
+
+
 async def test_a_retire_cut_short_is_finished_by_the_settle_pass(
     client, app, db, settings, admin_headers, monkeypatch
 ):
