@@ -18,6 +18,7 @@ from shop import migrate
 from shop.auth_tokens import provide_admin, provide_user
 from shop.db import connection_middleware, create_hot_pool, create_pool, provide_conn
 from shop.errors import render_error, unaddressable_ids_name_nothing
+from shop.events import load_subscribers
 from shop.health import healthz, readyz
 from shop.keys import Keys
 from shop.observability import metrics
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.redis = redis
             app.state.scripts = Scripts(redis)
             app.state.providers = build_providers(settings)
+            load_subscribers()  # the order-event registry complete before the first order
             # What start-up made (modules, the app and its routes, the pools) lives as long as the
             # process: the cyclic collector stops walking it on every full collection.
             gc.collect()

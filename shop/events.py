@@ -49,17 +49,25 @@ Handler = Callable[[asyncpg.Connection, OrderEvent, Any], Awaitable[None]]
 HANDLERS: dict[str, list[tuple[str, Handler]]] = {}
 
 
-def subscribed(event_type: str) -> bool:
-    """Whether any handler subscribes to the event type.
+_LOADED: list[bool] = []
 
-    The registry is complete only once every module holding a handler is imported: the worker's
-    module list (every domain with handlers has jobs there) is imported first, so an API process
-    sees the registry the dispatching worker sees.
-    """
+
+def load_subscribers() -> None:
+    """Import every module holding a handler, once per process: the worker's module list (every
+    domain with handlers has jobs there), so an API process sees the registry the dispatching
+    worker sees. The app calls it at start-up, so no request pays for the imports."""
+    if _LOADED:
+        return
     from shop.worker import JOB_MODULES  # late: shop.worker's domains import this module
 
     for module in JOB_MODULES:
         importlib.import_module(module)
+    _LOADED.append(True)
+
+
+def subscribed(event_type: str) -> bool:
+    """Whether any handler subscribes to the event type (the registry complete: load_subscribers)."""
+    load_subscribers()
     return bool(HANDLERS.get(event_type))
 
 

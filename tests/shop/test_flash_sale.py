@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import subprocess
 import sys
 import time
@@ -191,6 +192,33 @@ print(sorted(every - listed), len(every))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     missing, count = out.rsplit(" ", 1)
     assert missing == "[]" and int(count) >= 4, out
+
+
+def test_the_app_completes_the_order_event_registry_at_start_up(settings):
+    """The first winner's batch must not pay for importing the handler modules (tens of ms with the
+    event loop blocked): an API process imports them while it starts (a fresh interpreter)."""
+    script = """
+import asyncio, sys
+from litestar.testing import AsyncTestClient
+from shop import events
+from shop.app import create_app
+
+async def main():
+    async with AsyncTestClient(create_app()) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        print(bool(events._LOADED), "games.jobs" in sys.modules)
+
+asyncio.run(main())
+"""
+    env = {
+        **os.environ,
+        "SHOP_DATABASE_URL": settings.database_url,
+        "SHOP_REDIS_URL": settings.redis_url,
+        "SHOP_REDIS_PREFIX": settings.redis_prefix,
+        "SHOP_ENV": "test",
+    }
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr[-2000:]
 
 
 async def test_publishing_more_than_the_stock_is_409_and_nothing_moves(client, db, admin_headers):
