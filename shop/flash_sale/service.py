@@ -1181,7 +1181,7 @@ _ORDER_COLUMNS = [c.strip() for c in ORDER_FIELDS.split(",")]
 _LINE_COLUMNS = list(OrderLineOut.__struct_fields__)
 if OrderOut.__struct_fields__[: len(_ORDER_COLUMNS)] != tuple(_ORDER_COLUMNS):  # built by position below
     raise RuntimeError("ORDER_FIELDS must list OrderOut's fields in their order")
-PERSIST = f"""
+_PERSIST_TEMPLATE = f"""
 with links as (
     insert into flash_sale_orders (reservation_id, order_id, flash_sale_id, item_id, user_id, qty, reserved_at,
         idempotency_key, address_id)
@@ -1236,7 +1236,7 @@ CREATED_EVENTS = """, ev as (
     from o
 )"""
 PERSIST_STATEMENTS = {
-    subscribers: PERSIST.replace("{events}", CREATED_EVENTS if subscribers else "")
+    subscribers: _PERSIST_TEMPLATE.replace("{events}", CREATED_EVENTS if subscribers else "")
     for subscribers in (False, True)
 }
 
@@ -1258,7 +1258,7 @@ async def persist_flash_orders(
         _TIMEZONE["name"],
     )
     # Each row is the order's fields in OrderOut's order, the reservation id, then the line's
-    # fields in OrderLineOut's order (PERSIST's final select): built positionally.
+    # fields in OrderLineOut's order (the statement's final select): built positionally.
     n = len(_ORDER_COLUMNS)
     out = {}
     for row in rows:

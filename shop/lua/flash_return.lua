@@ -16,9 +16,10 @@ if redis.call('HSETNX', KEYS[3], ARGV[1], 1) == 0 then
 end
 -- A retired event's keys expire (settlement): a return applied after that (its after-commit step
 -- ran late) must not leave this item's `returned` hash behind for good.
+-- (PTTL is -1 for a live event's key; 0 at its last millisecond, when it still exists.)
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[3], ttl)
+if ttl >= 0 then
+  redis.call('PEXPIRE', KEYS[3], math.max(ttl, 1))
 end
 local qty = tonumber(ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'remaining', qty)

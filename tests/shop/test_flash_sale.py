@@ -216,6 +216,7 @@ asyncio.run(main())
         "SHOP_REDIS_URL": settings.redis_url,
         "SHOP_REDIS_PREFIX": settings.redis_prefix,
         "SHOP_ENV": "test",
+        "SHOP_LOG_REQUESTS": "false",
     }
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr[-2000:]
