@@ -109,6 +109,16 @@ async def keyed_orders(conn: asyncpg.Connection, sale_id: int) -> list[asyncpg.R
     )
 
 
+async def keyed_user_ids(conn: asyncpg.Connection, sale_id: int) -> list[int]:
+    """The shoppers with an order made with an Idempotency-Key in the sale."""
+    rows = await conn.fetch(
+        """select distinct user_id from flash_sale_orders
+           where flash_sale_id = $1 and idempotency_key is not null""",
+        sale_id,
+    )
+    return [r["user_id"] for r in rows]
+
+
 async def fetch_keyed_order(conn: asyncpg.Connection, sale_id: int, user_id: int, key: str) -> asyncpg.Record:
     """The order an Idempotency-Key made, with what the request asked for."""
     return await conn.fetchrow(

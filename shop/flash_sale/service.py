@@ -945,7 +945,9 @@ async def buy_call(
         return SOLD_OUT
     bind_app(state)
     try:
-        bought = await buy(state, sale_id, item_id, user_id, body, ip, idempotency_key)
+        # Read again only after the key holders' fetch (the flag may have ended while it ran).
+        sold_out = bool(until) and sold_out_here(state, sale_id, item_id)
+        bought = await buy(state, sale_id, item_id, user_id, body, ip, idempotency_key, sold_out=sold_out)
     except ShopError as exc:
         if exc.code == "flash_sale.not_ready":
             # Redis knows nothing of it: only a live event is "being restored".
@@ -995,12 +997,14 @@ async def buy(
     body: FlashBuyIn,
     ip: str,
     idempotency_key: str | None,
+    *,
+    sold_out: bool,
 ) -> Bought:
-    """One purchase attempt (token checked). Losers never touch PostgreSQL; a winner's order is
-    committed before this returns."""
+    """One purchase attempt (token checked; `sold_out`: this process's flag for the item is up).
+    Losers never touch PostgreSQL; a winner's order is committed before this returns."""
     settings: Settings = state.settings
     flags = _sold_out_flags(state)
-    if not sold_out_here(state, sale_id, item_id):
+    if not sold_out:
         # Not while this process saw the item sold out (a keyed retry still asks Redis, which
         # will most likely refuse it): losers do not reach PostgreSQL.
         await _check_address(state, user_id, body.address_id)
@@ -1439,7 +1443,7 @@ async def check_flash_counters(ctx: ReconcileContext) -> list[Difference]:
                 diffs.append(Difference("flash_sales", subject, field, str(want), state.get(field)))
         # Every shopper with a key record is in the keyed set (extra ones are harmless: they only
         # send that shopper's keyed requests to Redis). The stream's tail is in both or neither.
-        keyed = {r["user_id"] for r in await queries.keyed_orders(ctx.conn, sale_id)}
+        keyed = set(await queries.keyed_user_ids(ctx.conn, sale_id))
         missing = sorted(keyed - set(map(int, await ctx.redis.smembers(ctx.keys.flash_keyed(sale_id)))))
         if missing:
             diffs.append(
