@@ -496,7 +496,7 @@ async def update_sale(
                     # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
                     redis_edited = True
                     await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
-        except Exception:
+        except BaseException:  # a cancelled call too: its transaction was rolled back all the same
             if redis_edited:
                 # PostgreSQL rolled the edit back, but Redis may hold part of it (a quota already
                 # raised, an item already gone): rewrite the event in Redis from PostgreSQL, as

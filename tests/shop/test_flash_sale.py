@@ -354,6 +354,41 @@ async def test_an_item_that_sold_during_an_edit_is_not_removed(client, app, db, 
     )
 
 
+async def test_an_edit_cancelled_after_its_redis_steps_leaves_redis_as_postgresql(
+    client, app, db, admin_headers, monkeypatch
+):
+    """A live edit whose call is cancelled (the server shutting down, say) after Redis took the
+    raised quota and before PostgreSQL committed it: the transaction rolls back, and Redis is
+    rewritten from PostgreSQL, so it never sells units PostgreSQL did not set aside."""
+    sale = await make_sale(client, admin_headers, db, quota=20, stock=100, starts={"minutes": 10})
+    item = sale["items"][0]
+    stock = await stock_of(db, item["sku_id"])
+    keys = Keys(app.state.settings.redis_prefix)
+    real, reached = service._apply_redis_edit, asyncio.Event()
+
+    async def cancelled_after_redis(*args):
+        await real(*args)
+        reached.set()
+        await asyncio.Event().wait()  # cancelled here, the transaction still open
+
+    monkeypatch.setattr(service, "_apply_redis_edit", cancelled_after_redis)
+    body = {
+        "name": sale["name"],
+        "starts_at": sale["starts_at"],
+        "ends_at": sale["ends_at"],
+        "items": [{**{k: item[k] for k in ("sku_id", "flash_price", "per_user_limit")}, "quota": 30}],
+    }
+    call = asyncio.create_task(client.put(f"{ADMIN}/{sale['id']}", json=body, headers=admin_headers))
+    await asyncio.wait_for(reached.wait(), 10)
+    assert int(await app.state.redis.hget(keys.flash_item(sale["id"], item["id"]), "remaining")) == 30
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await db.fetchval("select quota from flash_sale_items where id = $1", item["id"]) == 20
+    assert await stock_of(db, item["sku_id"]) == stock
+    assert int(await app.state.redis.hget(keys.flash_item(sale["id"], item["id"]), "remaining")) == 20
+
+
 async def writers_of_two_events(client, admin_headers, db):
     """A live event and a draft, and the admin calls that write their Redis state: publishing the
     draft, editing the live one (quota 5), stopping it. Returns the live event and {name: (event
