@@ -15,8 +15,16 @@ from typing import Any
 import asyncpg
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shop.hotpath.streams import PERSISTERS, SINGLE_STATEMENT, Persist, Reservation
@@ -143,22 +151,30 @@ class ScriptPipeliner:
 
     MAX_IDLE = 8
 
-    def __init__(self, redis: aioredis.Redis, *, max_batch: int = 128) -> None:
-        self.redis = redis
+    def __init__(
+        self, connection_class: type, connection_kwargs: dict[str, Any], *, max_batch: int = 128
+    ) -> None:
+        """Connections to one server: `connection_class(**connection_kwargs)`, as a client's pool
+        (`of`) or a Redis Cluster node makes them."""
         self.max_batch = max_batch
         # Our connections: the client's settings without redis-py's per-command socket timeout (an
         # asyncio timeout around every reply, a task per send). That timeout bounds a whole batch's
         # round trip instead (connect, send, every reply), as the client's connections would get it:
         # redis-py's default, 5 s, is the connection's, not the pool's (making the object does not
         # connect).
-        pool = redis.connection_pool
-        self.timeout: float | None = pool.connection_class(**pool.connection_kwargs).socket_timeout
-        self._connection_kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self.timeout: float | None = connection_class(**connection_kwargs).socket_timeout
+        self._connection_class = connection_class
+        self._connection_kwargs = {**connection_kwargs, "socket_timeout": None}
         self._waiting: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future]] = []
         self._scheduled = False
         self._flushes: set[asyncio.Task] = set()
         self._idle: list[Any] = []  # connected redis.asyncio.Connection objects, ours alone
         self._open: set[Any] = set()  # every connection of ours, idle or in use
+
+    @classmethod
+    def of(cls, redis: aioredis.Redis) -> ScriptPipeliner:
+        pool = redis.connection_pool
+        return cls(pool.connection_class, pool.connection_kwargs)
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -190,7 +206,7 @@ class ScriptPipeliner:
                 await self._discard(conn)
                 raise
             await self._discard(conn)
-        conn = self.redis.connection_pool.connection_class(**self._connection_kwargs)
+        conn = self._connection_class(**self._connection_kwargs)
         self._open.add(conn)
         try:
             await conn.connect()
@@ -260,9 +276,11 @@ class ScriptPipeliner:
                 raise
             return
         for (script, keys, args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                # Redis lost its script cache (restart, SCRIPT FLUSH): the call did not run, so
-                # running it again through the script object (which reloads it) is safe.
+            if isinstance(reply, NoScriptError | MovedError | AskError):
+                # Redis lost its script cache (restart, SCRIPT FLUSH), or the keys' slot is served
+                # elsewhere now (a Redis Cluster resharded or failed over): the call did not run,
+                # so running it again through the script object (which reloads it, and whose
+                # client follows the redirect) is safe.
                 try:
                     reply = await script(keys=keys, args=args)
                 except Exception as exc:
@@ -285,7 +303,7 @@ class HotPath:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis | None = None,
+        redis: aioredis.Redis | RedisCluster,
         *,
         write_pool: asyncpg.Pool | None = None,
         max_batch: int = 100,
@@ -295,9 +313,12 @@ class HotPath:
         self.write_pool = write_pool or pool
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.redis = redis
         self._committers: dict[str, GroupCommitter] = {}
-        # Cluster clients route each call by its keys: those call the script directly.
-        self._pipeliner = ScriptPipeliner(redis) if isinstance(redis, aioredis.Redis) else None
+        # One Redis: one pipeliner. A Redis Cluster: one per node, each call sent to the node
+        # serving its keys' slot (they share one hash tag).
+        self._pipeliner = ScriptPipeliner.of(redis) if isinstance(redis, aioredis.Redis) else None
+        self._node_pipeliners: dict[str, ScriptPipeliner] = {}
 
     def committer(self, kind: str) -> GroupCommitter:
         committer = self._committers.get(kind)
@@ -320,13 +341,36 @@ class HotPath:
         if self._pipeliner is not None:
             reply = await self._pipeliner.call(script, keys, args)
         else:
-            reply = await script(keys=keys, args=args)
+            try:
+                reply = await (await self._node_pipeliner(keys[0])).call(script, keys, args)
+            except (ConnectionError, RedisTimeoutError, OSError):
+                # The node may be gone (a failover): the next call reloads the slot map, as the
+                # cluster client does after a connection error of its own (its flag for it).
+                self.redis._initialize = True
+                raise
         return list(reply) if isinstance(reply, list | tuple) else [reply]
 
+    async def _node_pipeliner(self, key: str) -> ScriptPipeliner:
+        """The pipeliner of the Redis Cluster node serving `key`'s slot (the slot map as the
+        cluster client knows it; a call that lands on a node no longer serving it is redirected)."""
+        cluster = self.redis
+        try:
+            await cluster.initialize()  # a no-op while the slot map is good
+            node = cluster.get_node_from_key(key)
+        except (RedisClusterException, ConnectionError, RedisTimeoutError, OSError) as exc:
+            raise ScriptsNotSent(f"Redis Cluster unreachable: {exc}") from exc
+        pipeliner = self._node_pipeliners.get(node.name)
+        if pipeliner is None:
+            pipeliner = self._node_pipeliners[node.name] = ScriptPipeliner(
+                node.connection_class, node.connection_kwargs
+            )
+        return pipeliner
+
     async def aclose(self) -> None:
-        """The pipeliner's own Redis connections closed (the app's lifespan, at shutdown)."""
-        if self._pipeliner is not None:
-            await self._pipeliner.aclose()
+        """The pipelines' own Redis connections closed (the app's lifespan, at shutdown)."""
+        for pipeliner in [self._pipeliner, *self._node_pipeliners.values()]:
+            if pipeliner is not None:
+                await pipeliner.aclose()
 
     async def commit(self, kind: str, reservation: Reservation) -> Any:
         """Write the reservation's row (group-committed); returns once it is committed, with the

@@ -208,7 +208,7 @@ async def echo_pipeliner(settings):
     redis = create_redis(settings.redis_url)
     script = redis.register_script("return ARGV[1]")
     await script(keys=[], args=["warm"])
-    pipeliner = ScriptPipeliner(redis)
+    pipeliner = ScriptPipeliner.of(redis)
     try:
         assert await pipeliner.call(script, [], ["warm"]) == "warm"
         [conn] = pipeliner._idle
@@ -222,7 +222,7 @@ async def test_the_pipeliner_replaces_a_connection_the_server_closed(settings):
     """A kept connection Redis closed (a restart, its idle timeout, a proxy) is not used again."""
     async with echo_pipeliner(settings) as (pipeliner, script, conn):
         await conn.send_command("CLIENT", "ID")
-        redis = pipeliner.redis
+        redis = script.registered_client
         await redis.execute_command("CLIENT", "KILL", "ID", await conn.read_response())
         await asyncio.sleep(0.05)
         assert await asyncio.gather(*(pipeliner.call(script, [], [str(i)]) for i in range(3))) == [
@@ -276,7 +276,7 @@ async def test_a_pipeline_to_a_server_that_never_answers_fails_at_the_clients_ti
     port = server.sockets[0].getsockname()[1]
     redis = aioredis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=0.3, decode_responses=True)
     script = redis.register_script("return 1")
-    pipeliner = ScriptPipeliner(redis)
+    pipeliner = ScriptPipeliner.of(redis)
     started = asyncio.get_running_loop().time()
     try:
         results = await asyncio.wait_for(
@@ -305,6 +305,6 @@ async def test_the_pipeline_deadline_is_the_clients_default_socket_timeout(setti
     try:
         default = redis.connection_pool.make_connection().socket_timeout
         assert default is not None and default > 0
-        assert ScriptPipeliner(redis).timeout == default
+        assert ScriptPipeliner.of(redis).timeout == default
     finally:
         await redis.aclose()

@@ -1,5 +1,7 @@
-"""The hot path on a real Redis Cluster (a one-node cluster of the machine's redis-server), behind
-a TCP proxy that can lose a reply: a purchase whose reply is lost runs once, never again."""
+"""The hot paths on a real Redis Cluster (a one-node cluster of the machine's redis-server, or of
+the embedded valkey-server), behind a TCP proxy that can lose a reply: a purchase or a quota
+change whose reply is lost runs once, never again; and the crowd and recovery tests of flash
+sales, coupon claims and draws, run again on the cluster."""
 
 from __future__ import annotations
 
@@ -17,10 +19,16 @@ import redis
 import redis.asyncio as aioredis
 
 from shop.flash_sale.queries import bought_counts
+from shop.hotpath.commit import HotPath, ScriptPipeliner
 from shop.hotpath.jobs import persist_all_streams
 from shop.keys import Keys
+from shop.redis import create_redis
 from shop.settings import Settings
 from tests.factories import stock_of
+from tests.games import test_draw as draws
+from tests.games import test_reconcile as game_reconcile
+from tests.shop import test_coupons as coupons
+from tests.shop import test_flash_sale_hotpath as flash_hotpath
 from tests.shop.test_coupons import code_of
 from tests.shop.test_flash_sale import buy, buyers, make_sale, redis_item
 from tests.shop.test_flash_sale_hotpath import ctx_of
@@ -96,11 +104,10 @@ class LosingProxy:
         await asyncio.gather(upstream(), downstream(), return_exceptions=True)
 
 
-@pytest.fixture(scope="module")
-def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
-    """A one-node Redis Cluster owning every slot, announcing a proxy's port: (node port, proxy port)."""
-    folder = tmp_path_factory.mktemp("cluster")
-    port, proxy_port = _free_port_pair(), _free_port_pair()
+def _start_node(folder, port: int, announce_port: int | None = None) -> subprocess.Popen:
+    """A cluster-enabled server on `port` (announcing `announce_port` when given), answering."""
+    folder.mkdir(parents=True, exist_ok=True)
+    announce = ["--cluster-announce-ip", "127.0.0.1", "--cluster-announce-port", str(announce_port)]
     process = subprocess.Popen(
         [
             SERVER,
@@ -108,8 +115,7 @@ def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
             "--bind", "127.0.0.1",
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(folder / "nodes.conf"),
-            "--cluster-announce-ip", "127.0.0.1",
-            "--cluster-announce-port", str(proxy_port),
+            *(announce if announce_port else []),
             "--save", "",
             "--appendonly", "no",
             "--maxmemory-policy", "noeviction",
@@ -117,25 +123,65 @@ def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
         ],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    node = redis.Redis(port=port, socket_timeout=5)
+    deadline = time.monotonic() + 10
     try:
-        node = redis.Redis(port=port, socket_timeout=5)
-        deadline = time.monotonic() + 10
         while True:
             try:
                 node.ping()
-                break
+                return process
             except redis.ConnectionError:
-                assert time.monotonic() < deadline, "the cluster node did not start"
+                if time.monotonic() > deadline:
+                    process.terminate()
+                    raise
                 time.sleep(0.05)
-        node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        while b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.05)
+    finally:
         node.close()
+
+
+def _wait_until(check, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
+    """A one-node Redis Cluster owning every slot, announcing a proxy's port: (node port, proxy port)."""
+    port, proxy_port = _free_port_pair(), _free_port_pair()
+    process = _start_node(tmp_path_factory.mktemp("cluster"), port, proxy_port)
+    try:
+        with redis.Redis(port=port, socket_timeout=5) as node:
+            node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            _wait_until(lambda: b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO"), "no cluster")
         yield port, proxy_port
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> Iterator[tuple[int, int]]:
+    """A two-node Redis Cluster: the first node serves every slot, the second none."""
+    folder = tmp_path_factory.mktemp("two_nodes")
+    ports = _free_port_pair(), _free_port_pair()
+    processes = [_start_node(folder / str(port), port) for port in ports]
+    try:
+        with (
+            redis.Redis(port=ports[0], socket_timeout=5) as first,
+            redis.Redis(port=ports[1], socket_timeout=5) as second,
+        ):
+            first.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            second.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+            _wait_until(
+                lambda: b"cluster_state:ok" in second.execute_command("CLUSTER", "INFO"), "no cluster"
+            )
+        yield ports
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
 
 
 @pytest.fixture
@@ -226,3 +272,61 @@ async def test_a_quota_change_whose_reply_is_lost_is_not_applied_twice(
     r = await client.put(f"/api/v1/admin/flash-sales/{sale['id']}", json=body, headers=admin_headers)
     assert r.status_code == 200, r.text
     assert (await redis_item(app, sale))[0] == 15 and await stock_of(db, item["sku_id"]) == stock - 5
+
+
+async def test_a_script_sent_to_a_node_that_no_longer_serves_its_slot_is_redirected(two_nodes):
+    """A slot map gone stale (a resharding, a failover): the node answers MOVED, which means the
+    script did not run; the call follows the redirect and runs once."""
+    first, second = two_nodes
+    cluster = create_redis(f"redis+cluster://127.0.0.1:{first}")
+    hotpath = HotPath(None, cluster)
+    key = "{moved}:n"
+    script = cluster.register_script("return redis.call('INCR', KEYS[1])")
+    try:
+        await cluster.initialize()
+        serving = cluster.get_node_from_key(key)
+        # The pipeline of the node serving the slot talks to the other node, which has the script.
+        with redis.Redis(port=second) as other:
+            other.script_load(script.script)
+        stale = ScriptPipeliner(serving.connection_class, {**serving.connection_kwargs, "port": second})
+        hotpath._node_pipeliners[serving.name] = stale
+        assert await hotpath.reserve(script, keys=[key], args=[]) == [1]
+        assert await cluster.get(key) == "1"
+    finally:
+        await hotpath.aclose()
+        await cluster.aclose()
+
+
+# The hot paths' own crowd and recovery tests, run again with Redis a cluster (this module's
+# `settings`): every script's keys on one node, the purchases, claims and draws pipelined per node.
+test_ten_thousand_shoppers_for_a_hundred_units = flash_hotpath.test_ten_thousand_shoppers_for_a_hundred_units
+test_one_shoppers_burst_of_thirty_gets_at_most_the_limit = (
+    flash_hotpath.test_one_shoppers_burst_of_thirty_gets_at_most_the_limit
+)
+test_worker_persists_a_reservation_the_api_died_on_once = (
+    flash_hotpath.test_worker_persists_a_reservation_the_api_died_on_once
+)
+test_payment_racing_the_timeout_ends_in_exactly_one_outcome = (
+    flash_hotpath.test_payment_racing_the_timeout_ends_in_exactly_one_outcome
+)
+test_redis_flushed_mid_sale_is_rebuilt_by_reconcile_with_no_oversell = (
+    flash_hotpath.test_redis_flushed_mid_sale_is_rebuilt_by_reconcile_with_no_oversell
+)
+test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire = (
+    flash_hotpath.test_a_settled_event_leaves_the_workers_streams_and_its_keys_expire
+)
+test_500_claims_on_100_units_exactly_100_and_counters_agree = (
+    coupons.test_500_claims_on_100_units_exactly_100_and_counters_agree
+)
+test_per_user_limit_one_and_30_concurrent_claims_by_one_shopper = (
+    coupons.test_per_user_limit_one_and_30_concurrent_claims_by_one_shopper
+)
+test_five_thousand_concurrent_draws_never_give_more_than_the_stock = (
+    draws.test_five_thousand_concurrent_draws_never_give_more_than_the_stock
+)
+test_flushed_redis_is_rebuilt_with_stock_and_chances_intact = (
+    game_reconcile.test_flushed_redis_is_rebuilt_with_stock_and_chances_intact
+)
+test_the_worker_persists_a_draw_whose_api_process_died = (
+    game_reconcile.test_the_worker_persists_a_draw_whose_api_process_died
+)
