@@ -19,7 +19,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -135,6 +135,7 @@ OUTAGES = (
     RedisTimeoutError,
     RedisReadOnlyError,  # a replica promoted, the client still on the old primary
     ClusterDownError,  # a Redis Cluster shard failing over
+    SlotNotCoveredError,  # a Redis Cluster slot map not (yet) covering every slot
     TryAgainError,
 )
 NOT_OUTAGES = (asyncpg.ProtocolViolationError, RedisAuthenticationError)

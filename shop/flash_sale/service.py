@@ -496,14 +496,15 @@ async def update_sale(
                     # Inside the transaction: a refusal from Redis rolls the PostgreSQL side back.
                     redis_edited = True
                     await _apply_redis_edit(conn, redis, scripts, keys, row, redis_steps)
-        except BaseException:  # a cancelled call too: its transaction was rolled back all the same
+        except BaseException:  # a cancelled call too (cancelled in its COMMIT, it may have committed:
+            # the rebuild writes whatever PostgreSQL holds either way)
             if redis_edited:
                 # PostgreSQL rolled the edit back, but Redis may hold part of it (a quota already
                 # raised, an item already gone): rewrite the event in Redis from PostgreSQL, as
                 # `shop reconcile --fix` would, so Redis never sells what PostgreSQL did not set aside.
                 try:
                     await rebuild_sale(conn, redis, scripts, keys, sale_id)
-                except Exception:
+                except BaseException:  # logged whatever stopped it; the edit's own error goes on
                     log.exception(
                         "flash sale %s: Redis not restored after a failed edit; run shop reconcile --fix",
                         sale_id,

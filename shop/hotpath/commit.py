@@ -19,11 +19,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
     ConnectionError,
+    MaxConnectionsError,
     MovedError,
     NoScriptError,
     RedisClusterException,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -132,7 +135,15 @@ class GroupCommitter:
 
 
 class ScriptsNotSent(ConnectionError):
-    """No connection to Redis could be made for a batch: none of its scripts ran."""
+    """None of the scripts ran: no connection to Redis could be made for the batch, or a Redis
+    Cluster refused the call before running it (the answer is a plain outage, not "unconfirmed")."""
+
+
+# Cluster refusals that mean the script did not run. ASK (its slot is being migrated) is not
+# followed: redis-py sends ASKING and the command on different connections, so the target may
+# refuse it again; the call is answered as an outage to try again shortly. (MOVED is followed:
+# HotPath.reserve.)
+REFUSED_UNRUN = (ClusterDownError, TryAgainError)
 
 
 def _pack(commands: list[tuple[Any, ...]]) -> bytes:
@@ -276,15 +287,17 @@ class ScriptPipeliner:
                 raise
             return
         for (script, keys, args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError | MovedError | AskError):
-                # Redis lost its script cache (restart, SCRIPT FLUSH), or the keys' slot is served
-                # elsewhere now (a Redis Cluster resharded or failed over): the call did not run,
-                # so running it again through the script object (which reloads it, and whose
-                # client follows the redirect) is safe.
+            if isinstance(reply, NoScriptError):
+                # Redis lost its script cache (restart, SCRIPT FLUSH): the call did not run, so
+                # running it again through the script object (which reloads it) is safe.
                 try:
                     reply = await script(keys=keys, args=args)
+                except MaxConnectionsError as exc:  # refused before sending
+                    reply = ScriptsNotSent(str(exc))
                 except Exception as exc:
                     reply = exc
+            elif isinstance(reply, REFUSED_UNRUN):
+                reply = ScriptsNotSent(f"Redis refused the script without running it: {reply}")
             if future.done():
                 continue
             if isinstance(reply, Exception):
@@ -318,7 +331,9 @@ class HotPath:
         # One Redis: one pipeliner. A Redis Cluster: one per node, each call sent to the node
         # serving its keys' slot (they share one hash tag).
         self._pipeliner = ScriptPipeliner.of(redis) if isinstance(redis, aioredis.Redis) else None
-        self._node_pipeliners: dict[str, ScriptPipeliner] = {}
+        self._node_pipeliners: dict[str, ScriptPipeliner] = {}  # by node name, host:port
+        self._prune = False
+        self._closing: set[asyncio.Task] = set()
 
     def committer(self, kind: str) -> GroupCommitter:
         committer = self._committers.get(kind)
@@ -341,14 +356,35 @@ class HotPath:
         if self._pipeliner is not None:
             reply = await self._pipeliner.call(script, keys, args)
         else:
-            try:
-                reply = await (await self._node_pipeliner(keys[0])).call(script, keys, args)
-            except (ConnectionError, RedisTimeoutError, OSError):
-                # The node may be gone (a failover): the next call reloads the slot map, as the
-                # cluster client does after a connection error of its own (its flag for it).
-                self.redis._initialize = True
-                raise
+            reply = await self._cluster_call(script, keys, args)
         return list(reply) if isinstance(reply, list | tuple) else [reply]
+
+    async def _cluster_call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        pipeliner = await self._node_pipeliner(keys[0])
+        try:
+            for _ in range(self.MAX_REDIRECTS):
+                try:
+                    return await pipeliner.call(script, keys, args)
+                except MovedError as moved:
+                    # The slot is served elsewhere now (a resharding, a failover): the script did
+                    # not run; it goes to the node MOVED names, and the next call reloads the map.
+                    self._reload_slot_map()
+                    pipeliner = self._pipeliner_at(*moved.node_addr)
+                except AskError as asked:
+                    raise ScriptsNotSent(f"Redis Cluster slot being migrated: {asked}") from asked
+            raise ScriptsNotSent("Redis Cluster redirected the call too many times")
+        except (ConnectionError, RedisTimeoutError, OSError):
+            self._reload_slot_map()  # the node may be gone (a failover)
+            raise
+
+    MAX_REDIRECTS = 3
+
+    def _reload_slot_map(self) -> None:
+        """The next call asks the cluster for its slot map, as the cluster client does after a
+        connection error of its own (redis-py's flag for it), and drops pipelines of nodes that
+        left."""
+        self.redis._initialize = True
+        self._prune = True
 
     async def _node_pipeliner(self, key: str) -> ScriptPipeliner:
         """The pipeliner of the Redis Cluster node serving `key`'s slot (the slot map as the
@@ -359,10 +395,21 @@ class HotPath:
             node = cluster.get_node_from_key(key)
         except (RedisClusterException, ConnectionError, RedisTimeoutError, OSError) as exc:
             raise ScriptsNotSent(f"Redis Cluster unreachable: {exc}") from exc
-        pipeliner = self._node_pipeliners.get(node.name)
+        if self._prune:
+            self._prune = False
+            for name in set(self._node_pipeliners) - set(cluster.nodes_manager.nodes_cache):
+                gone = self._node_pipeliners.pop(name)
+                self._closing.add(task := asyncio.get_running_loop().create_task(gone.aclose()))
+                task.add_done_callback(self._closing.discard)
+        return self._pipeliner_at(node.host, node.port)
+
+    def _pipeliner_at(self, host: str, port: int) -> ScriptPipeliner:
+        pipeliner = self._node_pipeliners.get(f"{host}:{port}")
         if pipeliner is None:
-            pipeliner = self._node_pipeliners[node.name] = ScriptPipeliner(
-                node.connection_class, node.connection_kwargs
+            # Connections as the cluster client makes them, to this node.
+            kwargs = {**self.redis.get_default_node().connection_kwargs, "host": host, "port": port}
+            pipeliner = self._node_pipeliners[f"{host}:{port}"] = ScriptPipeliner(
+                self.redis.get_default_node().connection_class, kwargs
             )
         return pipeliner
 

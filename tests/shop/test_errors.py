@@ -87,7 +87,13 @@ async def test_only_outages_are_503(app, client):
     """Losing the connection to a store is retryable (503); what says something about the request
     or the code (a cancelled statement, a refused password, a file error) stays a 500."""
     import asyncpg
-    from redis.exceptions import AuthenticationError, ClusterDownError, ReadOnlyError, TryAgainError
+    from redis.exceptions import (
+        AuthenticationError,
+        ClusterDownError,
+        ReadOnlyError,
+        SlotNotCoveredError,
+        TryAgainError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     raised = {
@@ -103,6 +109,7 @@ async def test_only_outages_are_503(app, client):
         ),
         "cluster-down": ClusterDownError("CLUSTERDOWN The cluster is down"),
         "try-again": TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+        "slot-not-covered": SlotNotCoveredError('Slot "42" is not covered by the cluster.'),
         "cancelled": asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
         "password": AuthenticationError("invalid password"),
         "file": FileNotFoundError("missing.txt"),
@@ -125,6 +132,7 @@ async def test_only_outages_are_503(app, client):
         "every-address": 503,
         "cluster-down": 503,
         "try-again": 503,
+        "slot-not-covered": 503,
         "cancelled": 500,
         "password": 500,
         "file": 500,

@@ -12,14 +12,16 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 
 from shop.flash_sale.queries import bought_counts
-from shop.hotpath.commit import HotPath, ScriptPipeliner
+from shop.hotpath.commit import HotPath, ScriptsNotSent
 from shop.hotpath.jobs import persist_all_streams
 from shop.keys import Keys
 from shop.redis import create_redis
@@ -51,6 +53,16 @@ SERVER = _server_binary()
 pytestmark = pytest.mark.skipif(
     SERVER is None, reason="no redis-server or valkey-server to run a cluster node"
 )
+
+
+def _free_port_pairs(n: int) -> list[int]:
+    """n distinct free ports, each with its cluster bus port (+10000) free too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = _free_port_pair()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _free_port_pair() -> int:
@@ -149,7 +161,7 @@ def _wait_until(check, what: str) -> None:
 @pytest.fixture(scope="module")
 def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
     """A one-node Redis Cluster owning every slot, announcing a proxy's port: (node port, proxy port)."""
-    port, proxy_port = _free_port_pair(), _free_port_pair()
+    port, proxy_port = _free_port_pairs(2)
     process = _start_node(tmp_path_factory.mktemp("cluster"), port, proxy_port)
     try:
         with redis.Redis(port=port, socket_timeout=5) as node:
@@ -165,7 +177,7 @@ def cluster_node(tmp_path_factory) -> Iterator[tuple[int, int]]:
 def two_nodes(tmp_path_factory) -> Iterator[tuple[int, int]]:
     """A two-node Redis Cluster: the first node serves every slot, the second none."""
     folder = tmp_path_factory.mktemp("two_nodes")
-    ports = _free_port_pair(), _free_port_pair()
+    ports = _free_port_pairs(2)
     processes = [_start_node(folder / str(port), port) for port in ports]
     try:
         with (
@@ -274,27 +286,62 @@ async def test_a_quota_change_whose_reply_is_lost_is_not_applied_twice(
     assert (await redis_item(app, sale))[0] == 15 and await stock_of(db, item["sku_id"]) == stock - 5
 
 
-async def test_a_script_sent_to_a_node_that_no_longer_serves_its_slot_is_redirected(two_nodes):
-    """A slot map gone stale (a resharding, a failover): the node answers MOVED, which means the
-    script did not run; the call follows the redirect and runs once."""
-    first, second = two_nodes
-    cluster = create_redis(f"redis+cluster://127.0.0.1:{first}")
+@contextlib.asynccontextmanager
+async def cluster_hotpath(port: int) -> AsyncIterator[tuple[Any, HotPath, Any]]:
+    """A cluster client (as the app makes it), a HotPath on it, and a counting script."""
+    cluster = create_redis(f"redis+cluster://127.0.0.1:{port}")
     hotpath = HotPath(None, cluster)
-    key = "{moved}:n"
     script = cluster.register_script("return redis.call('INCR', KEYS[1])")
     try:
         await cluster.initialize()
-        serving = cluster.get_node_from_key(key)
-        # The pipeline of the node serving the slot talks to the other node, which has the script.
-        with redis.Redis(port=second) as other:
-            other.script_load(script.script)
-        stale = ScriptPipeliner(serving.connection_class, {**serving.connection_kwargs, "port": second})
-        hotpath._node_pipeliners[serving.name] = stale
-        assert await hotpath.reserve(script, keys=[key], args=[]) == [1]
-        assert await cluster.get(key) == "1"
+        yield cluster, hotpath, script
     finally:
         await hotpath.aclose()
         await cluster.aclose()
+
+
+async def test_a_script_sent_to_a_node_that_no_longer_serves_its_slot_is_redirected(two_nodes, monkeypatch):
+    """A slot map gone stale (a resharding, a failover): the node answers MOVED, which means the
+    script did not run; the call goes to the node MOVED names and runs there once."""
+    first, second = two_nodes
+    async with cluster_hotpath(first) as (cluster, hotpath, script):
+        key = "{moved}:n"
+        # The client believes the second node serves the slot; that node has the script, so only
+        # the slot can make it refuse.
+        with redis.Redis(port=second) as other:
+            other.script_load(script.script)
+        stale = ClusterNode("127.0.0.1", second)
+        monkeypatch.setattr(cluster, "get_node_from_key", lambda key, replica=False: stale)
+        assert await hotpath.reserve(script, keys=[key], args=[]) == [1]
+        assert await hotpath.reserve(script, keys=[key], args=[]) == [2]
+        with redis.Redis(port=first) as serving:
+            assert serving.get(key) == b"2"
+
+
+async def test_a_script_for_a_slot_being_migrated_is_refused_unrun(two_nodes):
+    """ASK (the slot is moving to another node, the key not yet there): the script did not run,
+    and the call is a plain outage (ScriptsNotSent: 503, try again), not "unconfirmed"."""
+    first, second = two_nodes
+    async with cluster_hotpath(first) as (cluster, hotpath, script):
+        key = "{asked}:n"
+        slot = cluster.keyslot(key)
+        with redis.Redis(port=first) as source, redis.Redis(port=second) as target:
+            source_id, target_id = (
+                source.execute_command("CLUSTER", "MYID"),
+                target.execute_command("CLUSTER", "MYID"),
+            )
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            try:
+                with pytest.raises(ScriptsNotSent, match="migrated"):
+                    await hotpath.reserve(script, keys=[key], args=[])
+                assert [
+                    node.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) for node in (source, target)
+                ] == [0, 0]
+            finally:
+                for node in (source, target):
+                    node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        assert await hotpath.reserve(script, keys=[key], args=[]) == [1]
 
 
 # The hot paths' own crowd and recovery tests, run again with Redis a cluster (this module's
