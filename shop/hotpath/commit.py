@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AskError,
@@ -181,6 +181,7 @@ class ScriptPipeliner:
         self._flushes: set[asyncio.Task] = set()
         self._idle: list[Any] = []  # connected redis.asyncio.Connection objects, ours alone
         self._open: set[Any] = set()  # every connection of ours, idle or in use
+        self._closed = False
 
     @classmethod
     def of(cls, redis: aioredis.Redis) -> ScriptPipeliner:
@@ -198,6 +199,8 @@ class ScriptPipeliner:
         return await future
 
     async def aclose(self) -> None:
+        """Every connection closed; batches still under way close theirs when done."""
+        self._closed = True
         self._idle = []
         conns, self._open = self._open, set()
         for conn in conns:
@@ -267,7 +270,7 @@ class ScriptPipeliner:
             if isinstance(exc, asyncio.CancelledError) or not replies:
                 raise
             return replies + [exc] * (len(batch) - len(replies))
-        if len(self._idle) < self.MAX_IDLE:
+        if len(self._idle) < self.MAX_IDLE and not self._closed:
             self._idle.append(conn)
         else:
             await self._discard(conn)
@@ -369,7 +372,10 @@ class HotPath:
                     # The slot is served elsewhere now (a resharding, a failover): the script did
                     # not run; it goes to the node MOVED names, and the next call reloads the map.
                     self._reload_slot_map()
-                    pipeliner = self._pipeliner_at(*moved.node_addr)
+                    host, port = moved.node_addr
+                    pipeliner = self._pipeliner_of(
+                        ClusterNode(host, port, **self.redis.get_connection_kwargs())
+                    )
                 except AskError as asked:
                     raise ScriptsNotSent(f"Redis Cluster slot being migrated: {asked}") from asked
             raise ScriptsNotSent("Redis Cluster redirected the call too many times")
@@ -401,15 +407,15 @@ class HotPath:
                 gone = self._node_pipeliners.pop(name)
                 self._closing.add(task := asyncio.get_running_loop().create_task(gone.aclose()))
                 task.add_done_callback(self._closing.discard)
-        return self._pipeliner_at(node.host, node.port)
+        return self._pipeliner_of(node)
 
-    def _pipeliner_at(self, host: str, port: int) -> ScriptPipeliner:
-        pipeliner = self._node_pipeliners.get(f"{host}:{port}")
+    def _pipeliner_of(self, node: ClusterNode) -> ScriptPipeliner:
+        """The node's pipeliner, by its name (host:port, as the slot map names nodes); its
+        connections are made as the cluster client makes the node's."""
+        pipeliner = self._node_pipeliners.get(node.name)
         if pipeliner is None:
-            # Connections as the cluster client makes them, to this node.
-            kwargs = {**self.redis.get_default_node().connection_kwargs, "host": host, "port": port}
-            pipeliner = self._node_pipeliners[f"{host}:{port}"] = ScriptPipeliner(
-                self.redis.get_default_node().connection_class, kwargs
+            pipeliner = self._node_pipeliners[node.name] = ScriptPipeliner(
+                node.connection_class, node.connection_kwargs
             )
         return pipeliner
 
@@ -418,6 +424,7 @@ class HotPath:
         for pipeliner in [self._pipeliner, *self._node_pipeliners.values()]:
             if pipeliner is not None:
                 await pipeliner.aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def commit(self, kind: str, reservation: Reservation) -> Any:
         """Write the reservation's row (group-committed); returns once it is committed, with the

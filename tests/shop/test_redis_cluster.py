@@ -311,11 +311,18 @@ async def test_a_script_sent_to_a_node_that_no_longer_serves_its_slot_is_redirec
         with redis.Redis(port=second) as other:
             other.script_load(script.script)
         stale = ClusterNode("127.0.0.1", second)
-        monkeypatch.setattr(cluster, "get_node_from_key", lambda key, replica=False: stale)
-        assert await hotpath.reserve(script, keys=[key], args=[]) == [1]
-        assert await hotpath.reserve(script, keys=[key], args=[]) == [2]
+        with monkeypatch.context() as patched:
+            patched.setattr(cluster, "get_node_from_key", lambda key, replica=False: stale)
+            assert await hotpath.reserve(script, keys=[key], args=[]) == [1]
+            assert await hotpath.reserve(script, keys=[key], args=[]) == [2]
         with redis.Redis(port=first) as serving:
             assert serving.get(key) == b"2"
+        # With the slot map reloaded, the pipeline to the node that serves no slot is closed.
+        left = hotpath._node_pipeliners[stale.name]
+        assert await hotpath.reserve(script, keys=[key], args=[]) == [3]
+        assert set(hotpath._node_pipeliners) == {f"127.0.0.1:{first}"}
+        await asyncio.gather(*hotpath._closing)
+        assert left._open == set() and left._idle == []
 
 
 async def test_a_script_for_a_slot_being_migrated_is_refused_unrun(two_nodes):
