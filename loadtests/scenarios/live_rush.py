@@ -76,6 +76,7 @@ class LiveStreamShopper(HttpUser):
             catch_response=True,
         ) as r:
             if r.status_code == 201:
+                r.success()  # recorded before StopUser leaves the block (else the wins go unreported)
                 self.bought += 1
                 if self.bought >= WANT:
                     raise StopUser()

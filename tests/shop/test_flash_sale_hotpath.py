@@ -270,13 +270,16 @@ async def test_api_process_killed_between_reservation_and_write(client, app, db,
     try:
         async with httpx.AsyncClient(base_url=base, timeout=5) as probe:
             deadline = time.monotonic() + 60
+            last: object = "no answer"
             while True:
                 try:
-                    if (await probe.get("/readyz")).status_code == 200:
+                    ready = await probe.get("/readyz")
+                    if ready.status_code == 200:
                         break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "shop serve did not become ready"
+                    last = ready.text
+                except httpx.TransportError as exc:
+                    last = repr(exc)
+                assert time.monotonic() < deadline, f"shop serve did not become ready: {last}"
                 await asyncio.sleep(0.3)
         async with httpx.AsyncClient(base_url=base, timeout=30) as remote:
             pending = asyncio.create_task(buy(remote, shopper, sale, key="order-once"))
