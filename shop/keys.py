@@ -15,6 +15,11 @@ class Keys:
     def _k(self, tag: str, *parts: object) -> str:
         return ":".join([f"{self.prefix}:{{{tag}}}", *map(str, parts)])
 
+    @staticmethod
+    def activity_id(key: str) -> int:
+        """The id in a key's hash tag (the first {…}, as Redis reads it): `shop:{cpn:42}:stream` -> 42."""
+        return int(key[key.index("{") + 1 : key.index("}")].rsplit(":", 1)[1])
+
     # Readiness probe key (own tag; touched only by /readyz).
     def ping(self) -> str:
         return self._k("ping", "ready")

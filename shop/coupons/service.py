@@ -30,6 +30,7 @@ from shop.coupons.schemas import CouponForCart, CouponOut, TemplateIn, TemplateO
 from shop.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from shop.events import OrderEvent, on_order_event
 from shop.hotpath import (
+    OVER_GRACE_SECONDS,
     HotPath,
     Reservation,
     count_tail,
@@ -38,6 +39,7 @@ from shop.hotpath import (
     persist_backlog,
     register_persister,
     register_stream,
+    register_streams_over,
     registered_streams,
 )
 from shop.keys import Keys
@@ -254,6 +256,10 @@ async def update_template(
         if row["status"] != "draft":
             # Inside the transaction: a refused quantity (below claimed) rolls the edit back.
             claimed = await warm_template(conn, redis, scripts, keys, row)
+    if row["status"] != "draft":
+        # After the commit: a claim window extended past its end makes the template claimable
+        # again, and the worker, which dropped its stream, must read it again (hotpath.jobs).
+        await register_stream(redis, keys, KIND, keys.coupon_stream(template_id))
     return template_out(row, claimed)
 
 
@@ -652,6 +658,21 @@ async def template_stats(conn: asyncpg.Connection, template_id: int) -> Template
     return TemplateStats(template_id=template_id, **dict(row), **dict(orders))
 
 
+@register_streams_over(KIND)
+async def ended_template_streams(conn: asyncpg.Connection, keys: Keys, streams: Sequence[str]) -> list[str]:
+    """The streams of templates no one can claim any more: ended, their claim window (or, for a
+    fixed validity, the coupon's) closed over a grace period ago, or gone."""
+    rows = await conn.fetch(
+        """select s.id from unnest($1::bigint[]) s (id) left join coupon_templates t on t.id = s.id
+           where t.id is null or t.status = 'ended'
+              or least(t.claim_ends_at, case when t.validity = 'fixed' then t.valid_until end)
+                 < now() - make_interval(secs => $2)""",
+        [keys.activity_id(stream) for stream in streams],
+        OVER_GRACE_SECONDS,
+    )
+    return [keys.coupon_stream(row["id"]) for row in rows]
+
+
 # ---------------------------------------------------------------- reconcile
 
 
@@ -661,6 +682,10 @@ async def check_coupon_counters(ctx: ReconcileContext) -> list[Difference]:
     streams = set(await registered_streams(ctx.redis, ctx.keys, KIND))
     rows = await ctx.conn.fetch(
         f"select {queries.TEMPLATE_FIELDS} from coupon_templates where status <> 'draft' order by id"
+    )
+    # Streams of ended templates are left out of the worker's pass once drained (hotpath.jobs).
+    over = set(
+        await ended_template_streams(ctx.conn, ctx.keys, [ctx.keys.coupon_stream(r["id"]) for r in rows])
     )
     for row in rows:
         subject = f"coupon template {row['id']}"
@@ -689,7 +714,7 @@ async def check_coupon_counters(ctx: ReconcileContext) -> list[Difference]:
             "coupons", subject, "claims of user {user_id}", counts,
             await ctx.redis.hgetall(ctx.keys.coupon_users(row["id"])),
         )  # fmt: skip
-        if stream not in streams:
+        if stream not in streams and stream not in over:
             diffs.append(Difference("coupons", subject, "stream registered", True, False))
     return diffs
 

@@ -9,6 +9,7 @@ reservation (`HotPath.reserve`), the API group-commits winners before answering
 from shop.hotpath.commit import GroupCommitter, HotPath, ScriptsNotSent, hotpath_of
 from shop.hotpath.streams import (
     GROUP,
+    OVER_GRACE_SECONDS,
     PERSISTERS,
     Reservation,
     consumer_name,
@@ -21,6 +22,7 @@ from shop.hotpath.streams import (
     persist_stream,
     register_persister,
     register_stream,
+    register_streams_over,
     registered_streams,
     trim_acknowledged,
     unregister_stream,
@@ -28,6 +30,7 @@ from shop.hotpath.streams import (
 
 __all__ = [
     "GROUP",
+    "OVER_GRACE_SECONDS",
     "PERSISTERS",
     "GroupCommitter",
     "HotPath",
@@ -44,6 +47,7 @@ __all__ = [
     "persist_stream",
     "register_persister",
     "register_stream",
+    "register_streams_over",
     "registered_streams",
     "trim_acknowledged",
     "unregister_stream",

@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
-from shop.hotpath.streams import PERSISTERS, consumer_name, persist_stream, registered_streams
+from shop.hotpath.streams import (
+    GROUP,
+    PERSISTERS,
+    STREAMS_OVER,
+    consumer_name,
+    persist_stream,
+    register_stream,
+    registered_streams,
+    unregister_stream,
+)
 from shop.worker import JobContext, periodic
 
 CONSUMER = consumer_name()
 
 
 async def persist_all_streams(ctx: JobContext, *, min_idle_ms: int | None = None) -> int:
-    """One pass over every stream of every kind; returns the number of entries persisted."""
+    """One pass over every stream of every kind; returns the number of entries persisted.
+
+    A stream whose activity is over (an ended coupon template or game) is dropped from the pass
+    once nothing in it is left unacknowledged: no script adds to it any more, so polling it every
+    second for ever would only grow the worker's work with every activity the shop ever ran."""
     done = 0
     for kind in sorted(PERSISTERS):
-        for stream in await registered_streams(ctx.redis, ctx.keys, kind):
+        streams = await registered_streams(ctx.redis, ctx.keys, kind)
+        # Which activities are over, asked before the pass: whatever their scripts added before
+        # they ended is then read by this pass.
+        ended = await _over(ctx, kind, streams)
+        for stream in streams:
             kwargs = {} if min_idle_ms is None else {"min_idle_ms": min_idle_ms}
             done += await persist_stream(ctx.redis, ctx.pool, kind, stream, consumer=CONSUMER, **kwargs)
+        dropped = [s for s in ended if (await ctx.redis.xpending(s, GROUP))["pending"] == 0]
+        for stream in dropped:
+            await unregister_stream(ctx.redis, ctx.keys, kind, stream)
+        # An activity reopened meanwhile (a claim window extended) registered its stream after its
+        # commit, perhaps just before the removal above: asked again, it is put back.
+        for stream in set(dropped) - set(await _over(ctx, kind, dropped)):
+            await register_stream(ctx.redis, ctx.keys, kind, stream)
     return done
+
+
+async def _over(ctx: JobContext, kind: str, streams: list[str]) -> list[str]:
+    over = STREAMS_OVER.get(kind)
+    if over is None or not streams:
+        return []
+    async with ctx.pool.acquire() as conn:
+        return await over(conn, ctx.keys, streams)
 
 
 @periodic("persist_reservations", every_seconds=1)

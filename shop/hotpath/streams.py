@@ -54,6 +54,24 @@ PERSISTERS: dict[str, Persist] = {}
 SINGLE_STATEMENT: set[str] = set()
 
 
+# stream kind -> which of the given registered streams belong to activities that are over (no
+# script can XADD to them any more). The worker stops polling such a stream once everything in it
+# is persisted. Flash sales unregister theirs when they settle, and need no entry here.
+StreamsOver = Callable[[asyncpg.Connection, Keys, Sequence[str]], Awaitable[list[str]]]
+STREAMS_OVER: dict[str, StreamsOver] = {}
+# How long after an activity's end (by PostgreSQL's clock) its stream is still polled: the scripts
+# compare the end with the API's clock, which may run behind.
+OVER_GRACE_SECONDS = 60
+
+
+def register_streams_over(kind: str) -> Callable[[StreamsOver], StreamsOver]:
+    def decorator(fn: StreamsOver) -> StreamsOver:
+        STREAMS_OVER[kind] = fn
+        return fn
+
+    return decorator
+
+
 def register_persister(kind: str, *, single_statement: bool = False) -> Callable[[Persist], Persist]:
     """Register the function that writes reservations of `kind` (must be idempotent per reservation id).
 

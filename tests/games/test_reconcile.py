@@ -23,6 +23,20 @@ def draw_script_keys(keys: Keys, game_id: int, user_id: int, day) -> list[str]:
     ]  # fmt: skip
 
 
+async def draw_and_die(app, settings, game_id: int, user_id: int, rid: str, rand: int) -> None:
+    """What an API process that died right after the draw script leaves behind: an entry, no row."""
+    keys = Keys(settings.redis_prefix)
+    now = engine.clock()
+    day = engine.business_date(settings, now)
+    reply = await app.state.scripts.game_draw(
+        keys=draw_script_keys(keys, game_id, user_id, day),
+        args=engine.draw_args(
+            game_id=game_id, user_id=user_id, rid=rid, rand=rand, mode="free", game_type="wheel", now=now, day=day
+        ),
+    )  # fmt: skip
+    assert reply[0] == "ok"
+
+
 async def test_flushed_redis_is_rebuilt_with_stock_and_chances_intact(
     client, app, db, settings, admin_headers, monkeypatch, capsys
 ):
@@ -73,16 +87,7 @@ async def test_a_draw_not_yet_written_is_counted_by_the_rebuild(client, app, db,
     game = await make_game(client, admin_headers, prizes=prizes, out_of_stock="redistribute")
     [(user_id, _)] = await many_users(db, settings, 1)
     keys = Keys(settings.redis_prefix)
-    now = engine.clock()
-    day = engine.business_date(settings, now)
-    # What an API process that died right after the script leaves behind: an entry, no row.
-    reply = await app.state.scripts.game_draw(
-        keys=draw_script_keys(keys, game["id"], user_id, day),
-        args=engine.draw_args(
-            game_id=game["id"], user_id=user_id, rid="LOST1", rand=7, mode="free", game_type="wheel", now=now, day=day
-        ),
-    )  # fmt: skip
-    assert reply[0] == "ok"
+    await draw_and_die(app, settings, game["id"], user_id, "LOST1", 7)
     await app.state.redis.hset(keys.game_state(game["id"]), "s:0", 3)  # and a counter goes wrong
     report = await reconcile(settings, fix=True)
     assert [d.field for d in report.found] == ["s:0"] and report.remaining == []
@@ -94,21 +99,34 @@ async def test_the_worker_persists_a_draw_whose_api_process_died(client, app, db
     prizes = [{"name": "20 积分", "kind": "points", "points": 20, "weight": 1}]
     game = await make_game(client, admin_headers, prizes=prizes, out_of_stock="redistribute")
     [(user_id, _)] = await many_users(db, settings, 1)
-    keys = Keys(settings.redis_prefix)
-    now = engine.clock()
-    day = engine.business_date(settings, now)
-    reply = await app.state.scripts.game_draw(
-        keys=draw_script_keys(keys, game["id"], user_id, day),
-        args=engine.draw_args(
-            game_id=game["id"], user_id=user_id, rid="DIED1", rand=3, mode="free", game_type="wheel", now=now, day=day
-        ),
-    )  # fmt: skip
-    assert reply[0] == "ok"
+    await draw_and_die(app, settings, game["id"], user_id, "DIED1", 3)
     assert await persist_all_streams(ctx_of(app)) == 1
     row = await db.fetchrow("select id, rand, position from game_draws where draw_no = 'DIED1'")
     assert (row["rand"], row["position"]) == (3, 0)
     assert await db.fetchval("select kind from prize_deliveries where draw_id = $1", row["id"]) == "points"
     assert await persist_all_streams(ctx_of(app)) == 0
+
+
+async def test_an_ended_games_stream_leaves_the_workers_pass_once_drained(
+    client, app, db, settings, admin_headers
+):
+    """A draw an API process died on, then the game ends: the worker's next pass writes the draw
+    and drops the stream (no draw can add to it any more); reconcile expects that."""
+    from shop.hotpath import registered_streams
+
+    prizes = [{"name": "20 积分", "kind": "points", "points": 20, "weight": 1}]
+    game = await make_game(client, admin_headers, prizes=prizes, out_of_stock="redistribute")
+    other = await make_game(client, admin_headers, prizes=prizes, out_of_stock="redistribute")
+    [(user_id, _)] = await many_users(db, settings, 1)
+    keys = Keys(settings.redis_prefix)
+    await draw_and_die(app, settings, game["id"], user_id, "DIED2", 3)
+    r = await client.post(f"{ADMIN}/{game['id']}/end", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    assert await persist_all_streams(ctx_of(app)) == 1
+    assert await db.fetchval("select count(*) from game_draws where draw_no = 'DIED2'") == 1
+    registered = set(await registered_streams(app.state.redis, keys, engine.KIND))
+    assert keys.game_stream(game["id"]) not in registered and keys.game_stream(other["id"]) in registered
+    assert (await reconcile(settings)).found == []
 
 
 def during_rebuild(monkeypatch, step) -> None:

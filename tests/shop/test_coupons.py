@@ -444,3 +444,54 @@ async def test_demo_coupon_is_seeded_once_and_claimable(client, app, db, make_us
     templates = (await client.get("/api/v1/coupons/templates", headers=headers)).json()["items"]
     assert len(templates) == 1 and templates[0]["status"] == "active"
     assert (await claim(client, headers, templates[0]["id"])).status_code == 201
+
+
+async def test_the_worker_stops_polling_a_drained_ended_templates_stream(
+    client, app, db, settings, admin_headers
+):
+    """An ended template's stream leaves the worker's pass once nothing in it is unacknowledged
+    (no claim can add to it any more); a live template's stays; reconcile expects exactly that."""
+    from shop.hotpath import GROUP, registered_streams
+    from shop.hotpath.jobs import persist_all_streams
+    from shop.reconcile import reconcile
+    from tests.shop.test_hotpath import ctx_of
+
+    live = await make_template(client, admin_headers)
+    ended = await make_template(client, admin_headers)
+    [(_, shopper)] = await many_users(db, settings, 1)
+    for template in (live, ended):
+        assert (await claim(client, shopper, template["id"])).status_code == 201
+    keys, redis = Keys(settings.redis_prefix), app.state.redis
+    live_stream, ended_stream = keys.coupon_stream(live["id"]), keys.coupon_stream(ended["id"])
+    # A worker read the claim and died before acknowledging it.
+    assert await redis.xreadgroup(GROUP, "dead-worker", {ended_stream: ">"})
+    r = await client.post(f"{ADMIN}/{ended['id']}/end", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    await persist_all_streams(ctx_of(app))  # the dead worker's entry is not idle long enough yet
+    assert {live_stream, ended_stream} <= set(await registered_streams(redis, keys, "coupon"))
+    await persist_all_streams(ctx_of(app), min_idle_ms=0)  # taken over, persisted, acknowledged
+    registered = set(await registered_streams(redis, keys, "coupon"))
+    assert live_stream in registered and ended_stream not in registered
+    assert (await reconcile(settings)).found == []
+    # A claim window that closed over a minute ago counts as over too.
+    await db.execute(
+        """update coupon_templates set claim_starts_at = now() - interval '1 hour',
+           claim_ends_at = now() - interval '2 minutes' where id = $1""",
+        live["id"],
+    )
+    await persist_all_streams(ctx_of(app))
+    assert live_stream not in set(await registered_streams(redis, keys, "coupon"))
+    # The merchant extends the window: claimable again, the stream is read again.
+    body = {
+        "name": live["name"], "kind": live["kind"], "validity": live["validity"], "threshold": live["threshold"],
+        "amount": live["amount"], "total_quantity": live["total_quantity"], "valid_days": live["valid_days"],
+        "claim_starts_at": later(hours=-1), "claim_ends_at": later(days=1),
+    }  # fmt: skip
+    r = await client.put(f"{ADMIN}/{live['id']}", json=body, headers=admin_headers)
+    assert r.status_code == 200, r.text
+    assert live_stream in set(await registered_streams(redis, keys, "coupon"))
+    [(_, second)] = await many_users(db, settings, 1)
+    assert (await claim(client, second, live["id"])).status_code == 201
+    await persist_all_streams(ctx_of(app))
+    assert live_stream in set(await registered_streams(redis, keys, "coupon"))
+    assert (await reconcile(settings)).found == []
