@@ -145,6 +145,26 @@ async def test_worker_persists_a_reservation_the_api_died_on_exactly_once(
     assert (row["user_id"], row["source"], row["span"].days) == (user_id, "claim", 7)
 
 
+async def test_telling_which_activities_are_over_never_holds_up_persisting(
+    app, client, db, admin_headers, make_user, monkeypatch
+):
+    """The query for ended activities failing (say, a bad deploy): the pass still persists every
+    stream, and keeps polling them."""
+    from shop.hotpath import streams as hotpath_streams
+
+    async def broken(conn, keys, names):
+        raise RuntimeError("no such column")
+
+    monkeypatch.setitem(hotpath_streams.STREAMS_OVER, "coupon", broken)
+    user_id, _ = await make_user()
+    template = await make_template(client, admin_headers)
+    rid = await reserve_without_persisting(app, template["id"], user_id)
+    assert await persist_all_streams(ctx_of(app)) == 1
+    assert await db.fetchval("select count(*) from coupons where code = $1", rid) == 1
+    keys = Keys(app.state.settings.redis_prefix)
+    assert await registered_streams(app.state.redis, keys, "coupon") == [keys.coupon_stream(template["id"])]
+
+
 async def test_entries_of_a_dead_consumer_are_claimed_after_the_idle_time(
     app, client, db, admin_headers, make_user
 ):
