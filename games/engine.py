@@ -31,7 +31,6 @@ from games.schemas import PrizeWon
 from shop.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from shop.events import OrderEvent, on_order_event
 from shop.hotpath import (
-    OVER_GRACE_SECONDS,
     HotPath,
     Reservation,
     new_reservation_id,
@@ -40,6 +39,7 @@ from shop.hotpath import (
     register_stream,
     register_streams_over,
     registered_streams,
+    streams_past_end,
 )
 from shop.keys import Keys
 from shop.points import earn_points, spend_points
@@ -794,15 +794,10 @@ async def grant_invite_chances(
 
 @register_streams_over(KIND)
 async def ended_game_streams(conn: asyncpg.Connection, keys: Keys, streams: Sequence[str]) -> list[str]:
-    """The streams of games no one can draw in any more: ended, past their end by a grace
-    period, or gone."""
-    rows = await conn.fetch(
-        """select s.id from unnest($1::bigint[]) s (id) left join games g on g.id = s.id
-           where g.id is null or g.status = 'ended' or g.ends_at < now() - make_interval(secs => $2)""",
-        [keys.activity_id(stream) for stream in streams],
-        OVER_GRACE_SECONDS,
-    )
-    return [keys.game_stream(row["id"]) for row in rows]
+    """The streams of games no one can draw in any more: ended, gone, or past their end by a
+    grace period."""
+    ids = await streams_past_end(conn, keys, streams, table="games", end="t.ends_at")
+    return [keys.game_stream(game_id) for game_id in ids]
 
 
 # ---------------------------------------------------------------- reconcile

@@ -30,7 +30,6 @@ from shop.coupons.schemas import CouponForCart, CouponOut, TemplateIn, TemplateO
 from shop.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from shop.events import OrderEvent, on_order_event
 from shop.hotpath import (
-    OVER_GRACE_SECONDS,
     HotPath,
     Reservation,
     count_tail,
@@ -41,6 +40,7 @@ from shop.hotpath import (
     register_stream,
     register_streams_over,
     registered_streams,
+    streams_past_end,
 )
 from shop.keys import Keys
 from shop.orders.schemas import PricedLine
@@ -660,17 +660,11 @@ async def template_stats(conn: asyncpg.Connection, template_id: int) -> Template
 
 @register_streams_over(KIND)
 async def ended_template_streams(conn: asyncpg.Connection, keys: Keys, streams: Sequence[str]) -> list[str]:
-    """The streams of templates no one can claim any more: ended, their claim window (or, for a
-    fixed validity, the coupon's) closed over a grace period ago, or gone."""
-    rows = await conn.fetch(
-        """select s.id from unnest($1::bigint[]) s (id) left join coupon_templates t on t.id = s.id
-           where t.id is null or t.status = 'ended'
-              or least(t.claim_ends_at, case when t.validity = 'fixed' then t.valid_until end)
-                 < now() - make_interval(secs => $2)""",
-        [keys.activity_id(stream) for stream in streams],
-        OVER_GRACE_SECONDS,
-    )
-    return [keys.coupon_stream(row["id"]) for row in rows]
+    """The streams of templates no one can claim any more: ended, gone, or their claim window (for
+    a fixed validity, the coupon's own) closed over a grace period ago."""
+    end = "least(t.claim_ends_at, case when t.validity = 'fixed' then t.valid_until end)"
+    ids = await streams_past_end(conn, keys, streams, table="coupon_templates", end=end)
+    return [keys.coupon_stream(template_id) for template_id in ids]
 
 
 # ---------------------------------------------------------------- reconcile

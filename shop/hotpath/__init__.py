@@ -9,7 +9,6 @@ reservation (`HotPath.reserve`), the API group-commits winners before answering
 from shop.hotpath.commit import GroupCommitter, HotPath, ScriptsNotSent, hotpath_of
 from shop.hotpath.streams import (
     GROUP,
-    OVER_GRACE_SECONDS,
     PERSISTERS,
     Reservation,
     consumer_name,
@@ -24,13 +23,13 @@ from shop.hotpath.streams import (
     register_stream,
     register_streams_over,
     registered_streams,
+    streams_past_end,
     trim_acknowledged,
     unregister_stream,
 )
 
 __all__ = [
     "GROUP",
-    "OVER_GRACE_SECONDS",
     "PERSISTERS",
     "GroupCommitter",
     "HotPath",
@@ -49,6 +48,7 @@ __all__ = [
     "register_stream",
     "register_streams_over",
     "registered_streams",
+    "streams_past_end",
     "trim_acknowledged",
     "unregister_stream",
 ]

@@ -72,6 +72,20 @@ def register_streams_over(kind: str) -> Callable[[StreamsOver], StreamsOver]:
     return decorator
 
 
+async def streams_past_end(
+    conn: asyncpg.Connection, keys: Keys, streams: Sequence[str], *, table: str, end: str
+) -> list[int]:
+    """The ids (from the streams' hash tags) of the activities in `table` that are gone, ended, or
+    whose `end` (an SQL expression on the row `t`; NULL: no end) passed OVER_GRACE_SECONDS ago."""
+    rows = await conn.fetch(
+        f"""select s.id from unnest($1::bigint[]) s (id) left join {table} t on t.id = s.id
+            where t.id is null or t.status = 'ended' or {end} < now() - make_interval(secs => $2)""",
+        [keys.activity_id(stream) for stream in streams],
+        OVER_GRACE_SECONDS,
+    )
+    return [row["id"] for row in rows]
+
+
 def register_persister(kind: str, *, single_statement: bool = False) -> Callable[[Persist], Persist]:
     """Register the function that writes reservations of `kind` (must be idempotent per reservation id).
 

@@ -21,19 +21,12 @@ from shop.hotpath.jobs import persist_all_streams
 from shop.keys import Keys
 from shop.orders.service import cancel_expired_orders
 from shop.reconcile import reconcile
-from shop.worker import JobContext
 from tests.factories import stock_of
 from tests.shop.test_coupons import code_of
 from tests.shop.test_flash_sale import ADMIN, buy, buyers, db_item, make_sale, redis_item
+from tests.shop.test_hotpath import ctx_of
 from tests.shop.test_payments import notify, open_payment, signed
 from tests.shop.test_serve import free_port
-
-
-def ctx_of(app) -> JobContext:
-    state = app.state
-    return JobContext(
-        state.settings, state.pool, state.redis, state.scripts, Keys(state.settings.redis_prefix)
-    )
 
 
 async def assert_consistent(app, db, sale: dict) -> None:

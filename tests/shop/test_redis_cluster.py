@@ -33,7 +33,7 @@ from tests.shop import test_coupons as coupons
 from tests.shop import test_flash_sale_hotpath as flash_hotpath
 from tests.shop.test_coupons import code_of
 from tests.shop.test_flash_sale import buy, buyers, make_sale, redis_item
-from tests.shop.test_flash_sale_hotpath import ctx_of
+from tests.shop.test_hotpath import ctx_of
 
 
 def _server_binary() -> str | None:
