@@ -55,7 +55,13 @@ ENTRY_FIELDS = "id, kind, ref, amount, balance_delta, debt_delta, balance_after,
 
 
 async def _post(
-    conn: asyncpg.Connection, user_id: int, kind: str, ref: str, amount: int, mode: str
+    conn: asyncpg.Connection,
+    user_id: int,
+    kind: str,
+    ref: str,
+    amount: int,
+    mode: str,
+    basis: int | None = None,
 ) -> PointsEntry | None:
     """One ledger entry under the account row lock; None when (kind, ref) was already posted."""
     if amount <= 0:
@@ -87,8 +93,9 @@ async def _post(
             debt_delta,
         )
         row = await conn.fetchrow(
-            f"""insert into points_entries (user_id, kind, ref, amount, balance_delta, debt_delta, balance_after)
-                values ($1, $2, $3, $4, $5, $6, $7) returning {ENTRY_FIELDS}""",
+            f"""insert into points_entries (user_id, kind, ref, amount, balance_delta, debt_delta, balance_after,
+                    basis)
+                values ($1, $2, $3, $4, $5, $6, $7, $8) returning {ENTRY_FIELDS}""",
             user_id,
             kind,
             ref,
@@ -96,13 +103,17 @@ async def _post(
             balance_delta,
             debt_delta,
             balance + balance_delta,
+            basis,
         )
     return PointsEntry(**dict(row))
 
 
-async def earn_points(conn: asyncpg.Connection, user_id: int, amount: int, *, kind: str, ref: str):
-    """Credit points (debt is repaid first); idempotent per (kind, ref)."""
-    return await _post(conn, user_id, kind, ref, amount, "earn")
+async def earn_points(
+    conn: asyncpg.Connection, user_id: int, amount: int, *, kind: str, ref: str, basis: int | None = None
+):
+    """Credit points (debt is repaid first); idempotent per (kind, ref). `basis`: the fen they were
+    earned on, when a later refund must take back a share of them."""
+    return await _post(conn, user_id, kind, ref, amount, "earn", basis)
 
 
 async def spend_points(conn: asyncpg.Connection, user_id: int, amount: int, *, kind: str, ref: str):
@@ -128,27 +139,39 @@ async def points_per_yuan(conn: asyncpg.Connection) -> int:
 # ---------------------------------------------------------------- order events
 
 
+# Both handlers lock the order row first, so one order's earning and reversals are worked out one
+# at a time, each on the order as it is then (refunded_amount already counts every finished
+# refund): the result does not depend on the order the events are delivered in.
+LOCKED_ORDER = "select user_id, kind, paid_amount, refunded_amount from orders where id = $1 for update"
+
+
 @on_order_event("order.completed", "points.earn_on_completion")
 async def earn_on_completion(conn: asyncpg.Connection, event: OrderEvent, ctx: Any) -> None:
     """Points for what the shopper paid and kept, at the configured rate, once per order."""
-    order = await conn.fetchrow(
-        "select user_id, kind, paid_amount, refunded_amount from orders where id = $1", event.order_id
-    )
+    order = await conn.fetchrow(LOCKED_ORDER, event.order_id)
     if order is None or order["kind"] == "prize":
         return
-    points = (order["paid_amount"] - order["refunded_amount"]) // 100 * await points_per_yuan(conn)
+    kept = order["paid_amount"] - order["refunded_amount"]
+    points = kept // 100 * await points_per_yuan(conn)
     if points > 0:
-        await earn_points(conn, order["user_id"], points, kind="order", ref=f"order:{event.order_id}")
+        await earn_points(
+            conn, order["user_id"], points, kind="order", ref=f"order:{event.order_id}", basis=kept
+        )
 
 
 @on_order_event("order.refunded", "points.reverse_on_refund")
 async def reverse_on_refund(conn: asyncpg.Connection, event: OrderEvent, ctx: Any) -> None:
-    """A refund after the order earned points takes back the refunded share (never more than earned)."""
+    """A refund after the order earned points takes back the refunded share (never more than earned).
+
+    What stays earned is what the order as it is now would earn at the rate of the earning; a
+    refund the earning already left out (it finished first) takes nothing more.
+    """
+    order = await conn.fetchrow(LOCKED_ORDER, event.order_id)
     earned = await conn.fetchrow(
-        "select user_id, amount from points_entries where kind = 'order' and ref = $1",
+        "select user_id, amount, basis from points_entries where kind = 'order' and ref = $1",
         f"order:{event.order_id}",
     )
-    if earned is None:
+    if order is None or earned is None:
         return  # refunded before completion: completion earns on what was kept
     reversed_so_far = -(
         await conn.fetchval(
@@ -157,7 +180,12 @@ async def reverse_on_refund(conn: asyncpg.Connection, event: OrderEvent, ctx: An
             f"refund:{event.order_id}:%",
         )
     )
-    points = int(event.payload.get("amount", 0)) // 100 * await points_per_yuan(conn)
+    if earned["basis"] is not None:
+        rate = earned["amount"] // (earned["basis"] // 100)  # exact: amount = basis // 100 * rate
+        kept = max(order["paid_amount"] - order["refunded_amount"], 0)
+        points = earned["amount"] - reversed_so_far - kept // 100 * rate
+    else:  # earned before the basis was recorded: the refund's own share at today's rate
+        points = int(event.payload.get("amount", 0)) // 100 * await points_per_yuan(conn)
     points = min(points, earned["amount"] - reversed_so_far)
     if points > 0:
         await reverse_points(

@@ -29,7 +29,9 @@ from shop.settings import Settings
 
 log = logging.getLogger("shop.refunds")
 
-RefundStatus = Literal["requested", "approved", "rejected", "processing", "succeeded"]
+# failed: the provider ended the refund without paying it out (WeChat Pay ABNORMAL or CLOSED);
+# an operator retries it under a new number (CLOSED) or records how it was settled.
+RefundStatus = Literal["requested", "approved", "rejected", "processing", "succeeded", "failed"]
 Id = Annotated[int, msgspec.Meta(ge=1, le=2**62)]
 
 
@@ -64,6 +66,8 @@ class RefundOut(Schema):
     reject_reason: str | None
     attempts: int
     last_error: str | None
+    provider_status: str | None
+    settled_note: str | None
     created_at: datetime
     decided_at: datetime | None
     succeeded_at: datetime | None
@@ -84,8 +88,13 @@ class RejectIn(Schema):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
+class SettleIn(Schema):
+    # How the money reached the shopper (e.g. "abnormal refund to bank card, merchant platform").
+    note: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
 REFUND_FIELDS = """id, refund_no, order_id, status, origin, reason, amount, restock, reject_reason, attempts,
-    last_error, created_at, decided_at, succeeded_at"""
+    last_error, provider_status, settled_note, created_at, decided_at, succeeded_at"""
 
 
 async def load_refunds(conn: asyncpg.Connection, rows) -> list[RefundOut]:
@@ -109,6 +118,12 @@ async def load_refund(conn: asyncpg.Connection, refund_id: int) -> RefundOut:
     return (await load_refunds(conn, [row]))[0]
 
 
+# Provider outcomes that end a refund number unpaid (WeChat Pay's; the sandbox uses the same words).
+FAILED_PROVIDER_STATUSES = frozenset({"ABNORMAL", "CLOSED"})
+# Of those, the ones after which nothing waits at the provider: the refund may go out under a new number.
+RETRYABLE_PROVIDER_STATUSES = frozenset({"CLOSED"})
+
+
 def _backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(3600, 5 * 2 ** min(attempts, 10)))
 
@@ -126,7 +141,7 @@ async def _is_fully_approved(conn: asyncpg.Connection, order_id: int) -> bool:
            from order_lines l
            left join (select rl.order_line_id, sum(rl.amount) as amount
                       from refund_lines rl join refunds r on r.id = rl.refund_id
-                      where r.order_id = $1 and r.status in ('approved', 'processing', 'succeeded')
+                      where r.order_id = $1 and r.status in ('approved', 'processing', 'succeeded', 'failed')
                       group by rl.order_line_id) a on a.order_line_id = l.id
            where l.order_id = $1""",
         order_id,
@@ -323,11 +338,15 @@ async def reject_refund(conn: asyncpg.Connection, refund_id: int, reason: str) -
 
 
 async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refund_id: str | None) -> bool:
-    """approved/processing -> succeeded, exactly once; a full refund makes the order `refunded`."""
+    """approved/processing/failed -> succeeded, exactly once; a full refund makes the order `refunded`.
+
+    A failed refund succeeds too: WeChat Pay reports SUCCESS once the merchant has handled an
+    ABNORMAL refund at its platform, and an operator's settlement ends one the same way.
+    """
     row = await conn.fetchrow(
-        """update refunds set status = 'succeeded', succeeded_at = now(), provider_refund_id = $2,
-               next_attempt_at = null, last_error = null
-           where id = $1 and status in ('approved', 'processing') returning order_id, amount, origin""",
+        """update refunds set status = 'succeeded', succeeded_at = now(),
+               provider_refund_id = coalesce($2, provider_refund_id), next_attempt_at = null, last_error = null
+           where id = $1 and status in ('approved', 'processing', 'failed') returning order_id, amount, origin""",
         refund_id,
         provider_refund_id,
     )
@@ -335,10 +354,16 @@ async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refun
         return False
     if row["origin"] != "system":
         # `refunding` means every line is in an approved refund: the last one to finish ends it.
+        # The order row is locked by a statement of its own first: the update below then starts
+        # after a concurrent finish of another refund of this order committed, and sees it (one
+        # statement would wait for the row but judge the other refund by its older snapshot, and
+        # both would leave the order `refunding`).
+        await conn.execute("select 1 from orders where id = $1 for update", row["order_id"])
         await conn.execute(
             """update orders set refunded_amount = refunded_amount + $2, updated_at = now(),
                    status = case when status = 'refunding' and not exists (
-                                select 1 from refunds where order_id = $1 and status in ('approved', 'processing'))
+                                select 1 from refunds where order_id = $1
+                                and status in ('approved', 'processing', 'failed'))
                             then 'refunded' else status end
                where id = $1""",
             row["order_id"],
@@ -351,6 +376,77 @@ async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refun
         {"refund_id": refund_id, "amount": row["amount"], "origin": row["origin"]},
     )
     return True
+
+
+async def fail_refund(
+    conn: asyncpg.Connection, refund_id: int, provider_refund_id: str | None, provider_status: str | None
+) -> bool:
+    """approved/processing -> failed: the provider ended it unpaid; it waits for an operator."""
+    order_id = await conn.fetchval(
+        """update refunds set status = 'failed', provider_status = $3, next_attempt_at = null,
+               provider_refund_id = coalesce($2, provider_refund_id),
+               last_error = 'the payment provider ended the refund unpaid: ' || coalesce($3, 'unknown')
+           where id = $1 and status in ('approved', 'processing') returning order_id""",
+        refund_id,
+        provider_refund_id,
+        provider_status,
+    )
+    if order_id is None:
+        return False
+    log.warning(
+        "refund failed at the payment provider: an operator must retry or settle it",
+        extra={"fields": {"refund_id": refund_id, "order_id": order_id, "provider_status": provider_status}},
+    )
+    return True
+
+
+async def retry_refund(conn: asyncpg.Connection, settings: Settings, refund_id: int) -> RefundOut:
+    """failed (CLOSED: nothing was paid) -> approved under a new refund number, sent again."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "select refund_no, status, provider_status from refunds where id = $1 for update", refund_id
+        )
+        if row is None:
+            raise NotFound("Refund not found", code="refund.not_found")
+        if row["status"] != "failed":
+            raise Conflict("Only a failed refund can be retried", code="refund.illegal_transition")
+        if row["provider_status"] not in RETRYABLE_PROVIDER_STATUSES:
+            raise Conflict(
+                f"A refund that is {row['provider_status']} at the payment provider holds the money there:"
+                " settle it at the provider (or pay it back another way), then record it as settled",
+                code="refund.not_retryable",
+            )
+        await conn.execute(
+            "insert into superseded_refund_nos (refund_no, refund_id, provider_status) values ($1, $2, $3)",
+            row["refund_no"],
+            refund_id,
+            row["provider_status"],
+        )
+        await conn.execute(
+            """update refunds set refund_no = $2, status = 'approved', provider_status = null,
+                   provider_refund_id = null, last_error = null, next_attempt_at = now()
+               where id = $1""",
+            refund_id,
+            await business_no(conn, settings, prefix="R"),
+        )
+    return await load_refund(conn, refund_id)
+
+
+async def settle_refund(conn: asyncpg.Connection, refund_id: int, note: str) -> RefundOut:
+    """failed -> succeeded: an operator paid the money back outside this refund number."""
+    async with conn.transaction():
+        # The refund row first, then the order (in finish_refund): the order the provider's
+        # notification takes them in, so the two never deadlock.
+        noted = await conn.fetchval(
+            "update refunds set settled_note = $2 where id = $1 and status = 'failed' returning 1",
+            refund_id,
+            note,
+        )
+        if noted is None:
+            await load_refund(conn, refund_id)  # 404 when there is no such refund
+            raise Conflict("Only a failed refund can be settled", code="refund.illegal_transition")
+        await finish_refund(conn, refund_id, None)
+    return await load_refund(conn, refund_id)
 
 
 async def process_refunds(
@@ -389,16 +485,31 @@ async def process_refunds(
             except ProviderError as exc:
                 await conn.execute(
                     """update refunds set attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3
-                       where id = $1 and status in ('approved', 'processing')""",
+                       where id = $1 and status in ('approved', 'processing') and refund_no = $4""",
                     row["id"],
                     str(exc)[:500],
                     _backoff(row["attempts"] + 1),
+                    row["refund_no"],
                 )
                 continue
             async with conn.transaction():
-                await conn.execute("update refunds set attempts = attempts + 1 where id = $1", row["id"])
-                if result.status == "succeeded":
+                # The answer is about the number that was sent. An operator's retry may have given
+                # the refund a new one meanwhile (the old one failed): then this answer is stale.
+                current = await conn.fetchval(
+                    "update refunds set attempts = attempts + 1 where id = $1 and refund_no = $2 returning 1",
+                    row["id"],
+                    row["refund_no"],
+                )
+                if current is None:
+                    (log.error if result.status == "succeeded" else log.info)(
+                        "refund answer for a superseded refund number",
+                        extra={"fields": {"refund_no": row["refund_no"], "refund_id": row["id"],
+                                          "provider_status": result.provider_status}},
+                    )  # fmt: skip
+                elif result.status == "succeeded":
                     done += await finish_refund(conn, row["id"], result.provider_refund_id)
+                elif result.status == "failed":
+                    await fail_refund(conn, row["id"], result.provider_refund_id, result.provider_status)
                 else:
                     # The provider's refund notify finishes it; until then ask again now and then.
                     await conn.execute(
@@ -431,14 +542,36 @@ async def handle_refund_notify(
             provider.name,
         )
         if refund_id is None:
-            return provider.nack("unknown_refund")
+            superseded = await conn.fetchval(
+                """select s.refund_id from superseded_refund_nos s
+                   join refunds r on r.id = s.refund_id join payments p on p.id = r.payment_id
+                   where s.refund_no = $1 and p.provider = $2""",
+                notice.refund_no,
+                provider.name,
+            )
+            if superseded is None:
+                return provider.nack("unknown_refund")
+            # A number a retry replaced: nothing to do, but a success under it means the money went
+            # out twice, which only a person can sort out.
+            (log.error if notice.succeeded else log.info)(
+                "refund notify for a superseded refund number",
+                extra={
+                    "fields": {
+                        "refund_no": notice.refund_no,
+                        "refund_id": superseded,
+                        "provider_status": notice.provider_status,
+                    }
+                },
+            )
+            return provider.ack()
         if notice.succeeded:
             await finish_refund(conn, refund_id, notice.provider_refund_id)
-        else:
-            await conn.execute(
-                """update refunds set status = 'approved', last_error = 'provider reported failure',
-                       next_attempt_at = now() + interval '10 minutes' where id = $1 and status = 'processing'""",
-                refund_id,
+        elif notice.provider_status in FAILED_PROVIDER_STATUSES:
+            await fail_refund(conn, refund_id, notice.provider_refund_id, notice.provider_status)
+        else:  # not an outcome (a provider's progress report): the worker keeps asking
+            log.info(
+                "refund notify without an outcome",
+                extra={"fields": {"refund_no": notice.refund_no, "provider_status": notice.provider_status}},
             )
     return provider.ack()
 
@@ -490,7 +623,8 @@ class RefundController(Controller):
         rows = await conn.fetch(
             f"select {REFUND_FIELDS} from refunds where order_id = $1 order by id", order_id
         )
-        return await load_refunds(conn, rows)
+        # An operator's settlement note is internal (it may name a bank account).
+        return [msgspec.structs.replace(r, settled_note=None) for r in await load_refunds(conn, rows)]
 
 
 class AdminRefundController(Controller):
@@ -532,6 +666,20 @@ class AdminRefundController(Controller):
     ) -> RefundOut:
         """Approve a refund of a shipped order; `restock` says whether the goods came back."""
         return await approve_refund(conn, refund_id, data.restock)
+
+    @post("/{refund_id:int}/retry", status_code=200)
+    async def retry(
+        self, request: Request, refund_id: int, admin: AuthAdmin, conn: asyncpg.Connection
+    ) -> RefundOut:
+        """Send a failed refund again under a new number (only when the provider closed it unpaid)."""
+        return await retry_refund(conn, request.app.state.settings, refund_id)
+
+    @post("/{refund_id:int}/settle", status_code=200)
+    async def settle(
+        self, refund_id: int, data: SettleIn, admin: AuthAdmin, conn: asyncpg.Connection
+    ) -> RefundOut:
+        """Record that a failed refund was paid back another way: it succeeds, the order is refunded."""
+        return await settle_refund(conn, refund_id, data.note)
 
     @post("/{refund_id:int}/reject", status_code=200)
     async def reject(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shop.events import dispatch_order_events
+from shop.events import drain_order_events
 from shop.orders.service import auto_confirm_orders, cancel_expired_orders
 from shop.payments.service import sync_payment_closes
 from shop.refunds import process_refunds
@@ -21,7 +21,7 @@ async def auto_confirm(ctx: JobContext) -> int:
 
 @periodic("dispatch_order_events", every_seconds=1)
 async def dispatch_events(ctx: JobContext) -> int:
-    return await dispatch_order_events(ctx.pool, ctx)
+    return await drain_order_events(ctx.pool, ctx)
 
 
 @periodic("send_refunds", every_seconds=3)

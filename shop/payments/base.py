@@ -34,12 +34,17 @@ class RefundNotice:
     provider_refund_id: str
     succeeded: bool
     raw: dict[str, Any]
+    # The provider's own word for the outcome (WeChat Pay: SUCCESS, ABNORMAL, CLOSED).
+    provider_status: str | None = None
 
 
 @dataclass(frozen=True)
 class RefundResult:
-    status: str  # "succeeded" | "processing"
+    # "succeeded" | "processing" | "failed" (final for this refund number: asking again under it
+    # only gets the same answer; provider_status says why)
+    status: str
     provider_refund_id: str | None
+    provider_status: str | None = None
 
 
 @dataclass(frozen=True)

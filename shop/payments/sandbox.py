@@ -87,7 +87,11 @@ class SandboxProvider:
         data = self._verify(headers, body)
         try:
             return RefundNotice(
-                str(data["refund_no"]), str(data["refund_id"]), data["status"] == "SUCCESS", data
+                str(data["refund_no"]),
+                str(data["refund_id"]),
+                data["status"] == "SUCCESS",
+                data,
+                str(data["status"]),
             )
         except (KeyError, TypeError) as exc:
             raise NotifyRejected("bad_body", "missing fields") from exc

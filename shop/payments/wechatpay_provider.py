@@ -35,7 +35,14 @@ from shop.payments.wechatpay import (
 
 log = logging.getLogger("shop.payments.wechatpay")
 
-REFUND_STATUSES = {"SUCCESS": "succeeded", "PROCESSING": "processing"}
+# ABNORMAL (the shopper's account cannot take the money: it waits at WeChat Pay for the merchant)
+# and CLOSED (nothing was paid) are final for the refund number: an operator takes over.
+REFUND_STATUSES = {
+    "SUCCESS": "succeeded",
+    "PROCESSING": "processing",
+    "ABNORMAL": "failed",
+    "CLOSED": "failed",
+}
 # A rejected notification is the sender's fault (forged, stale, not ours): 4xx, not a 5xx alarm.
 NACK_STATUS = 400
 
@@ -111,9 +118,8 @@ class WeChatPayProvider:
             raise ProviderError(str(exc)) from exc
         status = REFUND_STATUSES.get(data["status"])
         if status is None:
-            # ABNORMAL (the shopper's account cannot take it) or CLOSED: needs a person; retried with backoff.
-            raise ProviderError(f"refund {refund_no} is {data['status']} at WeChat Pay")
-        return RefundResult(status, data.get("refund_id"))
+            raise ProviderError(f"refund {refund_no} is {data['status']!r} at WeChat Pay")
+        return RefundResult(status, data.get("refund_id"), data["status"])
 
     def _verified(self, headers: Mapping[str, str], body: bytes, event_prefix: str) -> dict[str, Any]:
         try:
@@ -145,7 +151,11 @@ class WeChatPayProvider:
         except NotificationError as exc:
             raise NotifyRejected(exc.code, exc.message) from exc
         return RefundNotice(
-            refund.out_refund_no, refund.refund_id, refund.refund_status == "SUCCESS", resource
+            refund.out_refund_no,
+            refund.refund_id,
+            refund.refund_status == "SUCCESS",
+            resource,
+            refund.refund_status,
         )
 
     def ack(self) -> tuple[int, Any]:

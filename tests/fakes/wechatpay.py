@@ -128,7 +128,7 @@ class FakeWeChat:
             self.sign_failures: list[tuple[str, str, str]] = []  # (method, path, reason)
             self.refund_attempts = 0
             self.refund_failures = 0  # answer the next N refund calls with 500 SYSTEM_ERROR
-            self.refund_status = "PROCESSING"
+            self.refund_status = "PROCESSING"  # what new refunds answer: also SUCCESS, ABNORMAL, CLOSED
             self.corrupt_signatures = 0  # sign the next N answers with a key WeChat does not own
             self.stable_token_calls: list[dict[str, Any]] = []
             self.stable_token_delay = 0.0
@@ -150,6 +150,8 @@ class FakeWeChat:
         """The refund finishes: returns the resource a REFUND.SUCCESS notification carries."""
         with self._lock:
             refund = self.refunds[out_refund_no]
+            if status == "CLOSED" and refund["status"] != "CLOSED":  # closed unpaid: refundable again
+                self.orders[refund["out_trade_no"]]["refunded"] -= refund["refund"]
             refund["status"] = status
             refund["success_time"] = _now_china()
             return {
@@ -460,7 +462,8 @@ class FakeWeChat:
             raise wechat_error(400, "PARAM_ERROR", "退款金额错误")
         if order["refunded"] + refund_fen > order["amount_total"]:
             raise wechat_error(400, "INVALID_REQUEST", "申请退款金额超过订单可退金额")
-        order["refunded"] += refund_fen
+        if self.refund_status != "CLOSED":  # a refund closed at once paid nothing
+            order["refunded"] += refund_fen
         order["trade_state"] = "REFUND"
         refund = {
             "out_refund_no": data["out_refund_no"],

@@ -8,7 +8,9 @@ import pytest
 
 from shop import events
 from shop.events import dispatch_order_events, on_order_event, record_event
+from shop.orders.jobs import dispatch_events
 from tests.factories import make_address, make_product
+from tests.shop.test_hotpath import ctx_of
 
 
 @pytest.fixture
@@ -60,6 +62,31 @@ async def test_each_handler_acts_once_per_event_even_with_concurrent_dispatchers
     await dispatch_order_events(pool, None)
     assert await db.fetchval("select count(*) from test_effects") == 10
     assert len(order_ids) == 5
+    await db.execute("drop table test_effects")
+
+
+async def test_a_backlog_is_worked_off_in_one_run_of_the_job_even_by_two_workers(client, app, db, handlers):
+    # A live stream's payments: 450 events due at once. The job used to take 100 a second.
+    handlers.clear()
+    await db.execute("create table if not exists test_effects (event_id bigint, handler text)")
+    await db.execute("truncate test_effects")
+
+    async def effect(conn, event, ctx):
+        await conn.execute("insert into test_effects values ($1, 'count')", event.id)
+
+    on_order_event("order.paid", "test.count")(effect)
+    await db.execute(
+        """insert into order_events (order_id, type, payload)
+           select g, 'order.paid', '{}'::jsonb from generate_series(1, 450) g"""
+    )
+    ctx = ctx_of(app)
+    first, second = await asyncio.gather(dispatch_events(ctx), dispatch_events(ctx))
+    assert first + second == 450 and first > 0 and second > 0
+    assert await db.fetchval("select count(*) from order_events where dispatched_at is null") == 0
+    assert await db.fetchval("select count(distinct event_id) from test_effects") == 450
+    assert await db.fetchval("select count(*) from test_effects") == 450
+    # A quiet outbox: one run dispatches nothing and returns at once.
+    assert await dispatch_events(ctx) == 0
     await db.execute("drop table test_effects")
 
 

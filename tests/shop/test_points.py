@@ -105,9 +105,47 @@ async def test_completed_orders_earn_at_the_configured_rate_and_refunds_reverse_
     # The shopper spends most of it, then a partial refund takes back its share: the rest is debt.
     await spend_points(db, order["user_id"], earned - 10, kind="draw", ref="d1")
     refund = order["paid_amount"] // 2
+    await db.execute(
+        "update orders set refunded_amount = $2 where id = $1", order_id, refund
+    )  # finish_refund
     await record_event(db, order_id, "order.refunded", {"refund_id": 7, "amount": refund})
     await dispatch_order_events(app.state.pool, ctx_of(app))
     await dispatch_order_events(app.state.pool, ctx_of(app))
-    taken = refund // 100 * 2
+    taken = earned - (order["paid_amount"] - refund) // 100 * 2
     assert await points_balance(db, order["user_id"]) == (max(10 - taken, 0), max(taken - 10, 0))
     assert await db.fetchval("select count(*) from points_entries where kind = 'refund_reversal'") == 1
+
+
+@pytest.mark.parametrize("completion_first", [True, False])
+async def test_a_refund_that_finished_before_the_earning_is_not_taken_back_twice(
+    client, app, db, make_user, completion_first
+):
+    # The refund finished while `order.completed` waited (a backlog, a failed handler's retry):
+    # the earning already leaves it out, in whichever order the two events are delivered.
+    order_id = await paid_order(client, db, make_user)
+    order = await db.fetchrow("select user_id, paid_amount from orders where id = $1", order_id)
+    refund = order["paid_amount"] // 3
+    await db.execute(
+        "update orders set status = 'completed', completed_at = now(), refunded_amount = $2 where id = $1",
+        order_id,
+        refund,
+    )
+    completed = await record_event(db, order_id, "order.completed", {"by": "test"})
+    refunded = await record_event(db, order_id, "order.refunded", {"refund_id": 9, "amount": refund})
+    first, second = (completed, refunded) if completion_first else (refunded, completed)
+    await db.execute(
+        "update order_events set next_attempt_at = now() + interval '1 hour' where id = $1", second
+    )
+    assert await dispatch_order_events(app.state.pool, ctx_of(app)) >= 1
+    assert await db.fetchval("select dispatched_at is not null from order_events where id = $1", first)
+    await db.execute("update order_events set next_attempt_at = now() where id = $1", second)
+    assert await dispatch_order_events(app.state.pool, ctx_of(app)) >= 1
+    assert await db.fetchval("select count(*) from order_events where dispatched_at is null") == 0
+    kept_points = (order["paid_amount"] - refund) // 100
+    assert await points_balance(db, order["user_id"]) == (kept_points, 0)
+    assert await db.fetchval("select count(*) from points_entries where kind = 'refund_reversal'") == 0
+    # A second refund later takes back only its own share.
+    await db.execute("update orders set refunded_amount = $2 where id = $1", order_id, 2 * refund)
+    await record_event(db, order_id, "order.refunded", {"refund_id": 10, "amount": refund})
+    await dispatch_order_events(app.state.pool, ctx_of(app))
+    assert await points_balance(db, order["user_id"]) == ((order["paid_amount"] - 2 * refund) // 100, 0)

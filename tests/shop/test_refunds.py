@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shop.refunds import process_refunds
+from shop.refunds import finish_refund, process_refunds
 from tests.factories import make_address, make_product, stock_of
 
 
@@ -192,3 +192,39 @@ async def test_refund_notification_only_from_the_paying_provider(client, app, db
     assert r.status_code == 200
     assert await db.fetchval("select status from refunds where id = $1", refund_id) == "succeeded"
     assert (await get_order(client, headers, order))["status"] == "refunded"
+
+
+async def test_two_refunds_of_one_order_finishing_at_the_same_moment_leave_it_refunded(
+    client, app, db, paid_order
+):
+    # The second finish waits for the first's order-row lock; once that commits it must see the
+    # first refund as finished (one UPDATE judged it by its older snapshot: `refunding` for good).
+    order, headers, _, _ = paid_order
+    lines = (await get_order(client, headers, order))["lines"]
+    ids = []
+    for line in lines:
+        r = await refund(
+            client, headers, order, {"reason": "坏了", "lines": [{"line_id": line["id"], "qty": line["qty"]}]}
+        )
+        assert r.status_code == 201 and r.json()["status"] == "approved", r.text
+        ids.append(r.json()["id"])
+    assert (await get_order(client, headers, order))["status"] == "refunding"
+    pool = app.state.pool
+    async with pool.acquire() as first, pool.acquire() as second:
+        tx1, tx2 = first.transaction(), second.transaction()
+        await tx1.start()
+        await tx2.start()
+        assert await finish_refund(first, ids[0], "p1")
+        pid = await second.fetchval("select pg_backend_pid()")
+        waiting = asyncio.create_task(finish_refund(second, ids[1], "p2"))
+        for _ in range(200):  # until the second finish waits for the order row
+            if await db.fetchval("select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", pid):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the second finish never waited for the order row")
+        await tx1.commit()
+        assert await waiting
+        await tx2.commit()
+    final = await get_order(client, headers, order)
+    assert final["status"] == "refunded" and final["refunded_amount"] == order["payable_amount"]

@@ -313,6 +313,221 @@ async def test_refund_retried_after_failures_and_finished_by_notification(
     assert (r.status_code, r.json()) == (400, {"code": "FAIL", "message": "unknown_refund"})
 
 
+async def notify_refund(client, fake: FakeWeChat, refund_no: str, status: str):
+    resource = fake.complete_refund(refund_no, status)
+    h, body = fake.make_notification(f"REFUND.{status}", resource)
+    return await client.post(REFUND_NOTIFY, content=body, headers=h)
+
+
+async def refunded_order(client, db, fake, shopper, amount_fen: int):
+    """A paid order whose whole refund the shopper asked for (approved at once: nothing shipped)."""
+    _, headers, _ = shopper
+    _, (sku,) = await make_product(db, skus=[(amount_fen, 5)])
+    order, payment = await paid_order(client, fake, shopper, [(sku, 1)])
+    r = await client.post(
+        f"/api/v1/orders/{order['id']}/refunds", json={"reason": "不想要了"}, headers=headers
+    )
+    assert r.status_code == 201 and r.json()["status"] == "approved", r.text
+    return order, payment, r.json()
+
+
+async def test_a_closed_refund_stops_being_sent_until_an_operator_retries_it_under_a_new_number(
+    client, app, db, fake_wechatpay, shopper, admin_headers
+):
+    _, headers, _ = shopper
+    order, payment, refund = await refunded_order(client, db, fake_wechatpay, shopper, 4200)
+    pool, providers = app.state.pool, app.state.providers
+    fake_wechatpay.refund_status = "CLOSED"
+    assert await process_refunds(pool, providers) == 0
+    row = await db.fetchrow("select status, provider_status, next_attempt_at, last_error from refunds")
+    assert (row["status"], row["provider_status"], row["next_attempt_at"]) == ("failed", "CLOSED", None)
+    assert "CLOSED" in row["last_error"]
+    # WeChat is not asked again and again under a number that can only answer CLOSED.
+    assert await process_refunds(pool, providers) == 0
+    assert fake_wechatpay.refund_attempts == 1
+    assert (await order_of(client, headers, order))["status"] == "refunding"
+    listed = (await client.get("/api/v1/admin/refunds?status=failed", headers=admin_headers)).json()
+    assert [(r["id"], r["provider_status"]) for r in listed["items"]] == [(refund["id"], "CLOSED")]
+
+    # Operators pressing retry at once: one new number.
+    results = await asyncio.gather(
+        *(client.post(f"/api/v1/admin/refunds/{refund['id']}/retry", headers=admin_headers) for _ in range(8))
+    )
+    assert sorted(r.status_code for r in results) == [200] + [409] * 7
+    retried = next(r.json() for r in results if r.status_code == 200)
+    assert {r.json()["error"]["code"] for r in results if r.status_code == 409} == {
+        "refund.illegal_transition"
+    }
+    assert retried["status"] == "approved" and retried["refund_no"] != refund["refund_no"]
+    assert retried["provider_status"] is None and retried["last_error"] is None
+    assert await db.fetchval("select count(*) from superseded_refund_nos") == 1
+
+    fake_wechatpay.refund_status = "SUCCESS"
+    assert await process_refunds(pool, providers) == 1
+    final = await order_of(client, headers, order)
+    assert final["status"] == "refunded" and final["refunded_amount"] == payment["amount"]
+    assert fake_wechatpay.refunded_total == payment["amount"]  # paid back once
+    # A late notification for the replaced number is acknowledged (not refused, which WeChat
+    # would repeat) and changes nothing.
+    r = await notify_refund(client, fake_wechatpay, refund["refund_no"], "CLOSED")
+    assert r.status_code == 204
+    assert await db.fetchval("select status from refunds") == "succeeded"
+    assert await db.fetchval("select count(*) from order_events where type = 'order.refunded'") == 1
+    r = await client.post(f"/api/v1/admin/refunds/{refund['id']}/retry", headers=admin_headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "refund.illegal_transition")
+
+
+async def test_an_abnormal_refund_is_settled_once_by_an_operator_or_by_wechat(
+    client, app, db, fake_wechatpay, shopper, admin_headers
+):
+    _, headers, _ = shopper
+    pool, providers = app.state.pool, app.state.providers
+    # A: accepted (PROCESSING), then WeChat's notification says ABNORMAL.
+    order_a, payment_a, refund_a = await refunded_order(client, db, fake_wechatpay, shopper, 3100)
+    assert await process_refunds(pool, providers) == 0
+    r = await notify_refund(client, fake_wechatpay, refund_a["refund_no"], "ABNORMAL")
+    assert r.status_code == 204
+    row = await db.fetchrow("select status, provider_status from refunds where id = $1", refund_a["id"])
+    assert (row["status"], row["provider_status"]) == ("failed", "ABNORMAL")
+    mine = (await client.get(f"/api/v1/orders/{order_a['id']}/refunds", headers=headers)).json()
+    assert [x["status"] for x in mine] == ["failed"]
+    # The money waits at WeChat Pay: a new number would pay it twice.
+    r = await client.post(f"/api/v1/admin/refunds/{refund_a['id']}/retry", headers=admin_headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "refund.not_retryable")
+    r = await client.post(
+        f"/api/v1/admin/refunds/{refund_a['id']}/settle", json={"note": ""}, headers=admin_headers
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_failed")
+    r = await client.post("/api/v1/admin/refunds/999999/settle", json={"note": "x"}, headers=admin_headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "refund.not_found")
+    # The operator records the settlement while WeChat reports its success: it ends once.
+    note = "异常退款：商户平台退至用户银行卡"
+    h, body = fake_wechatpay.make_notification(
+        "REFUND.SUCCESS", fake_wechatpay.complete_refund(refund_a["refund_no"])
+    )
+    results = await asyncio.gather(
+        *(
+            client.post(
+                f"/api/v1/admin/refunds/{refund_a['id']}/settle", json={"note": note}, headers=admin_headers
+            )
+            for _ in range(4)
+        ),
+        *(client.post(REFUND_NOTIFY, content=body, headers=h) for _ in range(4)),
+    )
+    settles, notifies = results[:4], results[4:]
+    assert [r.status_code for r in notifies] == [204] * 4
+    assert all(r.status_code in (200, 409) for r in settles)
+    assert sum(r.status_code == 200 for r in settles) <= 1
+    row = await db.fetchrow("select status, settled_note from refunds where id = $1", refund_a["id"])
+    assert row["status"] == "succeeded"
+    assert row["settled_note"] == (note if any(r.status_code == 200 for r in settles) else None)
+    final = await order_of(client, headers, order_a)
+    assert final["status"] == "refunded" and final["refunded_amount"] == payment_a["amount"]
+    assert (
+        await db.fetchval(
+            "select count(*) from order_events where type = 'order.refunded' and order_id = $1", order_a["id"]
+        )
+        == 1
+    )
+
+    # B: WeChat answers ABNORMAL at once; nobody at WeChat resolves it, the operator settles it.
+    order_b, payment_b, refund_b = await refunded_order(client, db, fake_wechatpay, shopper, 2700)
+    fake_wechatpay.refund_status = "ABNORMAL"
+    assert await process_refunds(pool, providers) == 0
+    assert await db.fetchval("select status from refunds where id = $1", refund_b["id"]) == "failed"
+    r = await client.post(
+        f"/api/v1/admin/refunds/{refund_b['id']}/settle", json={"note": note}, headers=admin_headers
+    )
+    assert r.status_code == 200, r.text
+    settled = r.json()
+    assert (settled["status"], settled["settled_note"], settled["provider_status"]) == (
+        "succeeded",
+        note,
+        "ABNORMAL",
+    )
+    assert settled["succeeded_at"] is not None
+    final = await order_of(client, headers, order_b)
+    assert final["status"] == "refunded" and final["refunded_amount"] == payment_b["amount"]
+    r = await client.post(
+        f"/api/v1/admin/refunds/{refund_b['id']}/settle", json={"note": note}, headers=admin_headers
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "refund.illegal_transition")
+
+
+async def test_an_answer_about_a_replaced_refund_number_changes_nothing(
+    client, app, db, fake_wechatpay, shopper, admin_headers
+):
+    order, payment, refund = await refunded_order(client, db, fake_wechatpay, shopper, 5100)
+    pool, providers = app.state.pool, app.state.providers
+    assert await process_refunds(pool, providers) == 0  # PROCESSING at WeChat
+    await db.execute("update refunds set next_attempt_at = now()")  # due to be asked again
+    wechatpay = providers["wechatpay"]
+
+    class SlowWorker:
+        """The worker asks about the refund while it fails at WeChat and an operator retries it."""
+
+        name = wechatpay.name
+
+        async def refund(self, **kwargs):
+            r = await notify_refund(client, fake_wechatpay, refund["refund_no"], "CLOSED")
+            assert r.status_code == 204
+            r = await client.post(f"/api/v1/admin/refunds/{refund['id']}/retry", headers=admin_headers)
+            assert r.status_code == 200, r.text
+            return await wechatpay.refund(**kwargs)  # WeChat's answer for the old number: CLOSED
+
+    assert await process_refunds(pool, {"wechatpay": SlowWorker()}) == 0
+    row = await db.fetchrow("select refund_no, status, provider_status, next_attempt_at from refunds")
+    assert row["refund_no"] != refund["refund_no"]
+    assert (row["status"], row["provider_status"]) == ("approved", None)  # not failed by the stale answer
+    fake_wechatpay.refund_status = "SUCCESS"
+    await db.execute("update refunds set next_attempt_at = now()")
+    assert await process_refunds(pool, providers) == 1
+    _, headers, _ = shopper
+    assert (await order_of(client, headers, order))["status"] == "refunded"
+    assert fake_wechatpay.refunded_total == payment["amount"]
+
+
+async def test_two_failed_refunds_of_one_order_settled_at_once_leave_it_refunded(
+    client, app, db, fake_wechatpay, shopper, admin_headers
+):
+    _, headers, _ = shopper
+    _, (sku_a, sku_b) = await make_product(db, skus=[(1800, 5), (2300, 5)])
+    order, payment = await paid_order(client, fake_wechatpay, shopper, [(sku_a, 1), (sku_b, 1)])
+    lines = (await order_of(client, headers, order))["lines"]
+    refunds = []
+    for line in lines:
+        r = await client.post(
+            f"/api/v1/orders/{order['id']}/refunds",
+            json={"reason": "坏了", "lines": [{"line_id": line["id"], "qty": 1}]},
+            headers=headers,
+        )
+        assert r.status_code == 201, r.text
+        refunds.append(r.json())
+    pool, providers = app.state.pool, app.state.providers
+    assert await process_refunds(pool, providers) == 0  # both PROCESSING
+    for refund, status in zip(refunds, ("CLOSED", "ABNORMAL"), strict=True):
+        assert (await notify_refund(client, fake_wechatpay, refund["refund_no"], status)).status_code == 204
+    assert (await order_of(client, headers, order))["status"] == "refunding"  # waits for the operator
+    results = await asyncio.gather(
+        *(
+            client.post(
+                f"/api/v1/admin/refunds/{refund['id']}/settle", json={"note": "转账"}, headers=admin_headers
+            )
+            for refund in refunds
+        )
+    )
+    assert [r.status_code for r in results] == [200, 200]
+    final = await order_of(client, headers, order)
+    assert final["status"] == "refunded"
+    assert final["refunded_amount"] == sum(refund["amount"] for refund in refunds) == payment["amount"]
+    mine = (await client.get(f"/api/v1/orders/{order['id']}/refunds", headers=headers)).json()
+    assert [(x["status"], x["settled_note"]) for x in mine] == [
+        ("succeeded", None)
+    ] * 2  # the note is internal
+    detail = (await client.get(f"/api/v1/admin/refunds/{refunds[0]['id']}", headers=admin_headers)).json()
+    assert detail["settled_note"] == "转账"
+
+
 # --- shipping -----------------------------------------------------------------------------------
 
 
