@@ -20,6 +20,7 @@ from games.schemas import (
     OddsOut,
     PrizeOut,
     PrizeStats,
+    PrizeStockIn,
 )
 from shop.auth_tokens import AuthAdmin, admin_guard
 from shop.errors import Conflict, NotFound, ValidationFailed
@@ -202,6 +203,73 @@ async def change_status(
         await delivery.settle_game(conn, redis, keys, game_id, admin_id=admin_id)
 
 
+async def set_prize_stock(
+    conn: asyncpg.Connection,
+    scripts: Any,
+    keys: Keys,
+    game_id: int,
+    position: int,
+    stock: int,
+    admin_id: int | None = None,
+) -> None:
+    """Raise a live game's prize stock (加奖 during a live stream). Odds stay as published; only
+    the units grow. A goods prize's added units are set aside from SKU stock. The total is
+    absolute, so a retried call changes nothing; stock only grows while the game is live.
+
+    PostgreSQL commits first; Redis learns of the units after the commit, once per restock
+    (`game_restock.lua`; the worker's restore_pending retries a failure, a rebuild counts it), so
+    Redis never offers a unit PostgreSQL did not commit.
+    """
+    async with conn.transaction():
+        # No rebuild of the game's counters straddles this commit (engine.counters_lock).
+        await engine.hold_counters(conn, [game_id])
+        # NO KEY UPDATE: the draws' group commit (foreign keys to both rows) is not held up.
+        game = await conn.fetchrow(
+            """select status, settled_at, ends_at <= now() as over from games where id = $1
+               for no key update""",
+            game_id,
+        )
+        if game is None:
+            raise NotFound("Game not found", code="game.not_found")
+        if game["status"] not in ("active", "paused") or game["over"] or game["settled_at"] is not None:
+            state = "over" if game["status"] in ("active", "paused") else game["status"]
+            raise Conflict(
+                f"Only a live game's stock is raised this way (the game is {state}; a draft is edited whole)",
+                code="game.not_live",
+            )
+        prize = await conn.fetchrow(
+            """select id, kind, sku_id, stock from game_prizes where game_id = $1 and position = $2
+               for no key update""",
+            game_id,
+            position,
+        )
+        if prize is None:
+            raise NotFound("The game has no prize at that position", code="game.prize_not_found")
+        if prize["stock"] is None:
+            raise Conflict("The prize's stock is unlimited", code="game.prize_unlimited")
+        added = stock - prize["stock"]
+        if added < 0:
+            raise Conflict(
+                f"A live prize's stock only grows (it is {prize['stock']})", code="game.stock_decrease"
+            )
+        if added == 0:
+            return
+        await conn.execute("update game_prizes set stock = $2 where id = $1", prize["id"], stock)
+        if prize["kind"] == "goods":
+            await delivery.set_aside_more_goods(conn, game_id, prize["id"], prize["sku_id"], added, admin_id)
+        restock = await conn.fetchrow(
+            f"""insert into game_prize_restocks (game_id, prize_id, position, added, stock_after, admin_id)
+                values ($1, $2, $3, $4, $5, $6) returning {engine.RESTOCK_FIELDS}""",
+            game_id,
+            prize["id"],
+            position,
+            added,
+            stock,
+            admin_id,
+        )
+    await engine.after_commit(engine.apply_restocks(conn, scripts, keys, [restock]), "restocked units")
+
+
 def odds_of(game: Any, prizes: list[Any]) -> OddsOut:
     """Each prize's probability from the weights, as published to shoppers."""
     total = sum(p["weight"] for p in prizes)
@@ -328,6 +396,21 @@ class AdminGameController(Controller):
         await change_status(
             conn, state.redis, state.scripts, state.redis_keys, state.settings, game_id, action, admin.id
         )
+        return await _one(conn, request, game_id)
+
+    @put("/{game_id:int}/prizes/{position:int}/stock")
+    async def restock(
+        self,
+        request: Request,
+        admin: AuthAdmin,
+        conn: asyncpg.Connection,
+        game_id: int,
+        position: int,
+        data: PrizeStockIn,
+    ) -> GameOut:
+        """Raise a live prize's total stock; the game with every prize's remaining units."""
+        state = request.app.state
+        await set_prize_stock(conn, state.scripts, state.redis_keys, game_id, position, data.stock, admin.id)
         return await _one(conn, request, game_id)
 
     @get("/{game_id:int}/stats")

@@ -46,6 +46,7 @@ async def expire_cards(pool: asyncpg.Pool, scripts: Any, keys: Keys, batch: int 
                    returning d.id, d.game_id, d.user_id, d.position, d.prize_id, p.kind""",
                 batch,
             )
+            await engine.hold_counters(conn, [r["game_id"] for r in rows])  # no rebuild straddles the commit
             await _release_settled_goods(conn, rows)
         await engine.after_commit(engine.return_units_to_redis(conn, scripts, keys, rows), "returned units")
     return len(rows)
@@ -86,6 +87,14 @@ async def set_aside_goods(conn: asyncpg.Connection, game_id: int, admin_id: int 
     for p in prizes:
         per_sku[p["sku_id"]] = per_sku.get(p["sku_id"], 0) + p["stock"]
     await _move_goods_units(conn, game_id, per_sku, admin_id)
+
+
+async def set_aside_more_goods(
+    conn: asyncpg.Connection, game_id: int, prize_id: int, sku_id: int, units: int, admin_id: int | None
+) -> None:
+    """A live goods prize restocked (in its transaction): the added units out of SKU stock, or 409."""
+    await conn.execute("update game_prizes set held = held + $2 where id = $1", prize_id, units)
+    await _move_goods_units(conn, game_id, {sku_id: units}, admin_id)
 
 
 async def settle_game(
@@ -316,6 +325,7 @@ async def expire_unclaimed_goods(pool: asyncpg.Pool, scripts: Any, keys: Keys, b
                    returning g.id, g.game_id, g.user_id, g.position, g.prize_id, p.kind""",
                 batch,
             )
+            await engine.hold_counters(conn, [r["game_id"] for r in rows])  # no rebuild straddles the commit
             await _release_settled_goods(conn, rows)
         await engine.after_commit(engine.return_units_to_redis(conn, scripts, keys, rows), "returned units")
     return len(rows)

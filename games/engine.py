@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -183,9 +184,10 @@ def _game_keys(keys: Keys, game_id: int, day: date) -> list[str]:
 class Counts:
     """What PostgreSQL implies for a game's Redis counters."""
 
-    left: dict[int, int]  # position -> stock left (-1: unlimited)
+    left: dict[int, int]  # position -> stock left (-1: unlimited; a limited prize never below 0)
     users: dict[str, int]  # users hash
     day: dict[str, int]  # today's day hash
+    oversold: dict[int, int]  # position -> units issued beyond its stock (never expected: an alarm)
 
 
 async def expected_counts(
@@ -198,9 +200,15 @@ async def expected_counts(
             game_id,
         )
     }
+    # A limited prize's count is never below 0: -1 would read as unlimited in Redis.
     left = {
-        p["position"]: (p["stock"] - issued.get(p["position"], 0)) if p["stock"] is not None else -1
+        p["position"]: max(p["stock"] - issued.get(p["position"], 0), 0) if p["stock"] is not None else -1
         for p in prizes
+    }
+    oversold = {
+        p["position"]: issued.get(p["position"], 0) - p["stock"]
+        for p in prizes
+        if p["stock"] is not None and issued.get(p["position"], 0) > p["stock"]
     }
     users: dict[str, int] = {}
     for r in await conn.fetch(
@@ -239,7 +247,7 @@ async def expected_counts(
         today,
     ):
         day[f"{r['user_id']}:x"] = r["n"]
-    return Counts(left, users, day)
+    return Counts(left, users, day, oversold)
 
 
 def _flat(mapping: dict[str, Any]) -> list[Any]:
@@ -247,6 +255,38 @@ def _flat(mapping: dict[str, Any]) -> list[Any]:
     for k, v in mapping.items():
         out += [k, v]
     return out
+
+
+# One rebuild (or reconcile check) of a game's counters at a time, and no restock or unit return
+# committing while one runs. A rebuild replays the stream's draws that its snapshot lacks on top
+# of the stock it read, never below 0; a unit added to Redis after that snapshot and won before
+# the rewrite would otherwise be counted twice: once as the draw it allowed is replayed onto a
+# count that never had it (and stays at 0), and once more when it is applied to the new hash.
+_COUNTERS_LOCK = "hashtextextended('game_counters:' || $1::bigint, 0)"
+
+
+@asynccontextmanager
+async def counters_lock(conn: asyncpg.Connection, game_id: int) -> AsyncIterator[None]:
+    """The game's counters lock for a session (outside a transaction: an aborted one would refuse
+    the unlock; the pool's reset releases it should the unlock not run). Re-entrant."""
+    if conn.is_in_transaction():
+        raise RuntimeError("counters_lock must be taken outside a transaction")
+    await conn.execute(f"select pg_advisory_lock({_COUNTERS_LOCK})", game_id)
+    try:
+        yield
+    finally:
+        try:
+            if not conn.is_closed():
+                await conn.execute(f"select pg_advisory_unlock({_COUNTERS_LOCK})", game_id)
+        except Exception:  # the error that got us here matters more
+            log.warning("game %s: counters lock not released here", game_id, exc_info=True)
+
+
+async def hold_counters(conn: asyncpg.Connection, game_ids: Iterable[int]) -> None:
+    """In a transaction that adds units back to games' stock: wait for a rebuild of any of them in
+    progress, and keep new ones out until the commit (game-id order: no deadlock)."""
+    for game_id in sorted(set(game_ids)):
+        await conn.execute(f"select pg_advisory_xact_lock({_COUNTERS_LOCK})", game_id)
 
 
 async def rebuild_game(
@@ -259,8 +299,20 @@ async def rebuild_game(
 ) -> None:
     """Write the game's rules, stock and chance counters into Redis from PostgreSQL (the truth).
 
-    Call it outside a transaction: it reads one snapshot of its own.
+    Call it outside a transaction: it reads one snapshot of its own, under the counters lock.
     """
+    async with counters_lock(conn, game_id):
+        await _rebuild_game(conn, redis, scripts, keys, settings, game_id)
+
+
+async def _rebuild_game(
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    scripts: Any,
+    keys: Keys,
+    settings: Settings,
+    game_id: int,
+) -> None:
     stream = keys.game_stream(game_id)
     # Every draw the stream holds goes to PostgreSQL first; later ones the script adds on top.
     last = await persist_backlog(redis, conn, KIND, stream)
@@ -278,9 +330,14 @@ async def rebuild_game(
         counts = await expected_counts(conn, game_id, prizes, today)
         returned = [r["id"] for r in await conn.fetch(RETURNED_DRAWS, game_id, [])]
         granted = [r["id"] for r in await conn.fetch(TODAYS_GRANTS, game_id, today, [])]
+        restocked = [r["id"] for r in await conn.fetch(RESTOCKS, game_id, [])]
     # Marked as counted: their own after-commit step (or its retry) finds them done.
     state = rule_pairs(game, prizes) + _flat(
-        {**{f"s:{pos}": n for pos, n in counts.left.items()}, **{f"r:{i}": 1 for i in returned}}
+        {
+            **{f"s:{pos}": n for pos, n in counts.left.items()},
+            **{f"r:{i}": 1 for i in returned},
+            **{f"x:{i}": 1 for i in restocked},
+        }
     )
     users = _flat(counts.users)
     day = _flat({**counts.day, **{f"grant:{i}": 1 for i in granted}})
@@ -296,9 +353,14 @@ async def rebuild_game(
     # have run before the warm (on the state it replaced, or on none).
     await return_units_to_redis(conn, scripts, keys, await conn.fetch(RETURNED_DRAWS, game_id, returned))
     await apply_chance_grants(conn, scripts, keys, await conn.fetch(TODAYS_GRANTS, game_id, today, granted))
+    await apply_restocks(conn, scripts, keys, await conn.fetch(RESTOCKS, game_id, restocked))
     await conn.execute(
         "update game_draws set return_pending = false where id = any($1::bigint[]) and return_pending",
         returned,
+    )
+    await conn.execute(
+        "update game_prize_restocks set redis_done = true where id = any($1::bigint[]) and not redis_done",
+        restocked,
     )
     await conn.execute(
         "update game_chance_grants set redis_done = true where id = any($1::bigint[]) and not redis_done",
@@ -311,6 +373,10 @@ RETURNED_DRAWS = """select id, game_id, user_id, position from game_draws
 GRANT_FIELDS = "id, game_id, user_id, business_date, amount"
 TODAYS_GRANTS = f"""select {GRANT_FIELDS} from game_chance_grants
     where game_id = $1 and business_date = $2 and amount > 0 and id <> all($3::bigint[])"""
+RESTOCK_FIELDS = "id, game_id, position, added"
+RESTOCKS = (
+    f"""select {RESTOCK_FIELDS} from game_prize_restocks where game_id = $1 and id <> all($2::bigint[])"""
+)
 
 
 async def warm_rules(keys: Keys, scripts: Any, settings: Settings, game: Any, prizes: Sequence[Any]) -> bool:
@@ -323,10 +389,10 @@ async def warm_rules(keys: Keys, scripts: Any, settings: Settings, game: Any, pr
 
 
 # ---------------------------------------------------------------- Redis told after the commit
-# A unit given back and a chance granted are committed in PostgreSQL first (flagged as not yet in
-# Redis), then applied by one script each, once per draw or grant id: a retry, a second worker or
-# a rebuild that counted it finds it done. A script that finds no state does nothing: the
-# rebuild from PostgreSQL counts it.
+# A unit given back, a chance granted and a prize restocked are committed in PostgreSQL first
+# (flagged as not yet in Redis), then applied by one script each, once per draw, grant or restock
+# id: a retry, a second worker or a rebuild that counted it finds it done. A script that finds
+# no state does nothing: the rebuild from PostgreSQL counts it.
 
 
 async def return_units_to_redis(
@@ -363,8 +429,23 @@ async def apply_chance_grants(
     return len(grants)
 
 
+async def apply_restocks(conn: asyncpg.Connection, scripts: Any, keys: Keys, restocks: Sequence[Any]) -> int:
+    """Committed restocks (RESTOCK_FIELDS): into Redis once each, then marked."""
+    for r in restocks:
+        await scripts.game_restock(
+            keys=[keys.game_state(r["game_id"])], args=[r["id"], r["position"], r["added"]]
+        )
+    if restocks:
+        await conn.execute(
+            "update game_prize_restocks set redis_done = true where id = any($1::bigint[])",
+            [r["id"] for r in restocks],
+        )
+    return len(restocks)
+
+
 async def restore_pending(pool: asyncpg.Pool, scripts: Any, keys: Keys, batch: int = 500) -> int:
-    """Returns and grants whose after-commit step did not run (a crash, a Redis error): applied now."""
+    """Returns, grants and restocks whose after-commit step did not run (a crash, a Redis error):
+    applied now."""
     async with pool.acquire() as conn:
         draws = await conn.fetch(
             "select id, game_id, user_id, position from game_draws where return_pending order by id limit $1",
@@ -373,8 +454,14 @@ async def restore_pending(pool: asyncpg.Pool, scripts: Any, keys: Keys, batch: i
         grants = await conn.fetch(
             f"select {GRANT_FIELDS} from game_chance_grants where not redis_done order by id limit $1", batch
         )
-        return await return_units_to_redis(conn, scripts, keys, draws) + await apply_chance_grants(
-            conn, scripts, keys, grants
+        restocks = await conn.fetch(
+            f"select {RESTOCK_FIELDS} from game_prize_restocks where not redis_done order by id limit $1",
+            batch,
+        )
+        return (
+            await return_units_to_redis(conn, scripts, keys, draws)
+            + await apply_chance_grants(conn, scripts, keys, grants)
+            + await apply_restocks(conn, scripts, keys, restocks)
         )
 
 
@@ -809,57 +896,70 @@ async def check_game_counters(ctx: ReconcileContext) -> list[Difference]:
     streams = set(await registered_streams(ctx.redis, ctx.keys, KIND))
     today = business_date(ctx.settings)
     games = await ctx.conn.fetch(f"select {GAME_FIELDS} from games where status <> 'draft' order by id")
-    all_prizes = await fetch_prizes(ctx.conn, [g["id"] for g in games])
     # Streams of ended games are left out of the worker's pass once drained (hotpath.jobs).
     over = set(await ended_game_streams(ctx.conn, ctx.keys, [ctx.keys.game_stream(g["id"]) for g in games]))
     for game in games:
-        subject = f"game {game['id']}"
-        stream = ctx.keys.game_stream(game["id"])
-        await persist_backlog(ctx.redis, ctx.conn, KIND, stream)
-        prizes = all_prizes[game["id"]]
-        counts = await expected_counts(ctx.conn, game["id"], prizes, today)
-        await _leave_out_pending(ctx.conn, game["id"], prizes, today, counts)
-        pairs = rule_pairs(game, prizes)
-        expected = {str(pairs[i]): str(pairs[i + 1]) for i in range(0, len(pairs), 2)}
-        expected.update({f"s:{pos}": str(n) for pos, n in counts.left.items()})
-        state = await ctx.redis.hgetall(ctx.keys.game_state(game["id"]))
-        for field, want in expected.items():
-            if state.get(field) != want:
-                diffs.append(Difference("games", subject, field, want, state.get(field)))
-        for name, key, want_map in (
-            ("users", ctx.keys.game_users(game["id"]), counts.users),
-            ("today", ctx.keys.game_day(game["id"], today.isoformat()), counts.day),
-        ):
-            have = {
-                k: int(v) for k, v in (await ctx.redis.hgetall(key)).items() if not k.startswith("grant:")
-            }
-            for field in sorted(set(have) | set(want_map)):
-                if have.get(field, 0) != want_map.get(field, 0):
-                    diffs.append(
-                        Difference(
-                            "games", subject, f"{name} {field}", want_map.get(field, 0), have.get(field)
-                        )
-                    )
-        if stream not in streams and stream not in over:
-            diffs.append(Difference("games", subject, "stream registered", True, False))
+        async with counters_lock(ctx.conn, game["id"]):  # no restock or return commits meanwhile
+            diffs.extend(await _check_game(ctx, game, today, streams, over))
+    return diffs
+
+
+async def _check_game(
+    ctx: ReconcileContext, game: Any, today: date, streams: set[str], over: set[str]
+) -> list[Difference]:
+    diffs: list[Difference] = []
+    subject = f"game {game['id']}"
+    stream = ctx.keys.game_stream(game["id"])
+    await persist_backlog(ctx.redis, ctx.conn, KIND, stream)
+    game = await fetch_game(ctx.conn, game["id"])
+    prizes = (await fetch_prizes(ctx.conn, [game["id"]]))[game["id"]]
+    counts = await expected_counts(ctx.conn, game["id"], prizes, today)
+    state = await ctx.redis.hgetall(ctx.keys.game_state(game["id"]))
+    await _leave_out_pending(ctx.conn, game["id"], prizes, today, counts, state)
+    for pos, extra in counts.oversold.items():
+        diffs.append(Difference("games", subject, f"units issued beyond stock, prize {pos}", 0, extra))
+    pairs = rule_pairs(game, prizes)
+    expected = {str(pairs[i]): str(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+    expected.update({f"s:{pos}": str(n) for pos, n in counts.left.items()})
+    for field, want in expected.items():
+        if state.get(field) != want:
+            diffs.append(Difference("games", subject, field, want, state.get(field)))
+    for name, key, want_map in (
+        ("users", ctx.keys.game_users(game["id"]), counts.users),
+        ("today", ctx.keys.game_day(game["id"], today.isoformat()), counts.day),
+    ):
+        have = {k: int(v) for k, v in (await ctx.redis.hgetall(key)).items() if not k.startswith("grant:")}
+        for field in sorted(set(have) | set(want_map)):
+            if have.get(field, 0) != want_map.get(field, 0):
+                diffs.append(
+                    Difference("games", subject, f"{name} {field}", want_map.get(field, 0), have.get(field))
+                )
+    if stream not in streams and stream not in over:
+        diffs.append(Difference("games", subject, "stream registered", True, False))
     return diffs
 
 
 async def _leave_out_pending(
-    conn: asyncpg.Connection, game_id: int, prizes: Sequence[Any], today: date, counts: Counts
+    conn: asyncpg.Connection, game_id: int, prizes: Sequence[Any], today: date, counts: Counts, state: dict
 ) -> None:
-    """Returns and grants whose after-commit step is still due are not in Redis yet: not expected there."""
+    """Returns, grants and restocks whose after-commit step is still due are not in Redis yet: not
+    expected there."""
     kinds = {p["position"]: p["kind"] for p in prizes}
     for r in await conn.fetch(
         "select user_id, position from game_draws where game_id = $1 and return_pending", game_id
     ):
         if counts.left[r["position"]] >= 0:
-            counts.left[r["position"]] -= 1
+            counts.left[r["position"]] = max(counts.left[r["position"]] - 1, 0)
         if kinds[r["position"]] != "thanks":
             wins = f"{r['user_id']}:w:{r['position']}"
             counts.users[wins] = counts.users.get(wins, 0) + 1
     for g in await conn.fetch(TODAYS_GRANTS + " and not redis_done", game_id, today, []):
         counts.day[f"{g['user_id']}:x"] -= g["amount"]
+    # A restock is in Redis exactly when its x:<id> marker is in the state hash read (its script or
+    # a rebuild put it there), whatever its redis_done flag says yet.
+    for r in await conn.fetch(RESTOCKS, game_id, []):
+        if f"x:{r['id']}" not in state and counts.left[r["position"]] >= 0:
+            counts.left[r["position"]] = max(counts.left[r["position"]] - r["added"], 0)
 
 
 async def fix_game_counters(ctx: ReconcileContext, diffs: list[Difference]) -> None:

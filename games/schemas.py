@@ -217,6 +217,11 @@ class ClaimIn(Schema):
     address_id: Id
 
 
+class PrizeStockIn(Schema):
+    # The prize's new total stock (every unit it ever offers, those already won included).
+    stock: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
+
+
 class ChanceGrantIn(Schema):
     """A merchant-defined task completed (say, an invited shopper logged in): extra chances today."""
 

@@ -88,7 +88,8 @@ for i = 0, n - 1 do
   stock[i] = tonumber(p[i * 4 + 2])
   local cap = tonumber(p[i * 4 + 3])
   kind[i] = p[i * 4 + 4]
-  eligible[i] = stock[i] ~= 0 and (cap == 0 or tonumber(wins[i + 1] or '0') < cap)
+  -- -1 is unlimited; any other count below 1 (none should exist) is out of stock, never unlimited
+  eligible[i] = (stock[i] == -1 or stock[i] > 0) and (cap == 0 or tonumber(wins[i + 1] or '0') < cap)
 end
 
 local rand = tonumber(ARGV[4])

@@ -218,20 +218,28 @@ async def test_returns_committed_before_or_during_the_rebuild_are_counted_once(
     # Committed before the rebuild, its Redis step still due (it failed): the rebuild counts it.
     assert await expire(db, app, cards[0], RedisDownForReturns(app.state.scripts)) == 1
 
-    # Committed between the rebuild's reads (after it counted the stock, before it listed the
-    # returns): its snapshot sees it in neither; its own step lands on the state the rebuild
-    # replaces, so the rebuild applies it on top, once.
+    # A card expiring while the rebuild runs (after it counted the stock, before it listed the
+    # returns) waits for it (the counters lock) before it commits: the snapshot never straddles a
+    # return, and the return's own step lands on the rebuilt state, once.
     original = engine.expected_counts
+    during: dict = {}
+
+    async def expire_elsewhere() -> int:
+        async with app.state.pool.acquire() as other:
+            return await expire(other, app, cards[1])
 
     async def count_while_a_card_expires(*args):
         counts = await original(*args)
         monkeypatch.setattr(engine, "expected_counts", original)
-        async with app.state.pool.acquire() as other:
-            assert await expire(other, app, cards[1]) == 1
+        during["task"] = asyncio.create_task(expire_elsewhere())
+        await asyncio.sleep(0.3)
+        during["waited"] = not during["task"].done()
         return counts
 
     monkeypatch.setattr(engine, "expected_counts", count_while_a_card_expires)
     await rebuild(app, db, game["id"])
+    assert during["waited"]
+    assert await during["task"] == 1
     assert await redis.hget(state, "s:0") == "4"
     assert await redis.hget(keys.game_users(game["id"]), f"{user_id}:w:0") == "1"
     assert not await db.fetchval("select bool_or(return_pending) from game_draws")
