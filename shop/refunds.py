@@ -122,6 +122,10 @@ async def load_refund(conn: asyncpg.Connection, refund_id: int) -> RefundOut:
 FAILED_PROVIDER_STATUSES = frozenset({"ABNORMAL", "CLOSED"})
 # Of those, the ones after which nothing waits at the provider: the refund may go out under a new number.
 RETRYABLE_PROVIDER_STATUSES = frozenset({"CLOSED"})
+# And the ones the provider may still finish (the merchant handles an ABNORMAL refund at WeChat
+# Pay's platform): asked about every RECHECK_INTERVAL until it succeeds or an operator settles it.
+RECHECKED_PROVIDER_STATUSES = frozenset({"ABNORMAL"})
+RECHECK_INTERVAL = timedelta(minutes=30)
 
 
 def _backoff(attempts: int) -> timedelta:
@@ -381,15 +385,21 @@ async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refun
 async def fail_refund(
     conn: asyncpg.Connection, refund_id: int, provider_refund_id: str | None, provider_status: str | None
 ) -> bool:
-    """approved/processing -> failed: the provider ended it unpaid; it waits for an operator."""
+    """approved/processing -> failed: the provider ended it unpaid; it waits for an operator.
+
+    An ABNORMAL refund is asked about again now and then (recheck_failed_refunds): the merchant
+    may settle it at the provider's platform, whose success notification can be lost."""
     order_id = await conn.fetchval(
-        """update refunds set status = 'failed', provider_status = $3, next_attempt_at = null,
+        """update refunds set status = 'failed', provider_status = $3,
+               next_attempt_at = case when $3 = any($4::text[]) then now() + $5 end,
                provider_refund_id = coalesce($2, provider_refund_id),
                last_error = 'the payment provider ended the refund unpaid: ' || coalesce($3, 'unknown')
            where id = $1 and status in ('approved', 'processing') returning order_id""",
         refund_id,
         provider_refund_id,
         provider_status,
+        list(RECHECKED_PROVIDER_STATUSES),
+        RECHECK_INTERVAL,
     )
     if order_id is None:
         return False
@@ -519,6 +529,50 @@ async def process_refunds(
                         row["id"],
                         result.provider_refund_id,
                     )
+    return done
+
+
+async def recheck_failed_refunds(
+    pool: asyncpg.Pool, providers: Mapping[str, PaymentProvider], batch: int = 20
+) -> int:
+    """Ask the provider about failed refunds it may still finish (RECHECKED_PROVIDER_STATUSES);
+    one it reports paid succeeds. Leased like process_refunds; returns how many succeeded."""
+    done = 0
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """update refunds r set next_attempt_at = now() + $2
+               from payments p
+               where r.id in (select id from refunds where status = 'failed' and next_attempt_at <= now()
+                                and provider_status = any($3::text[])
+                              order by next_attempt_at limit $1 for update skip locked)
+                 and p.id = r.payment_id
+               returning r.id, r.refund_no, p.provider""",
+            batch,
+            RECHECK_INTERVAL,
+            list(RECHECKED_PROVIDER_STATUSES),
+        )
+        for row in rows:
+            provider = providers.get(row["provider"])
+            if provider is None:
+                continue
+            try:
+                result = await provider.query_refund(row["refund_no"])
+            except ProviderError as exc:
+                await conn.execute(
+                    "update refunds set last_error = $2 where id = $1", row["id"], str(exc)[:500]
+                )
+                continue
+            if result.status != "succeeded":
+                continue
+            async with conn.transaction():
+                # Still failed under the same number (not settled or retried meanwhile).
+                still = await conn.fetchval(
+                    "select 1 from refunds where id = $1 and refund_no = $2 and status = 'failed' for update",
+                    row["id"],
+                    row["refund_no"],
+                )
+                if still:
+                    done += await finish_refund(conn, row["id"], result.provider_refund_id)
     return done
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from shop.events import drain_order_events
 from shop.orders.service import auto_confirm_orders, cancel_expired_orders
 from shop.payments.service import sync_payment_closes
-from shop.refunds import process_refunds
+from shop.refunds import process_refunds, recheck_failed_refunds
 from shop.worker import JobContext, periodic
 
 
@@ -27,6 +27,11 @@ async def dispatch_events(ctx: JobContext) -> int:
 @periodic("send_refunds", every_seconds=3)
 async def send_refunds(ctx: JobContext) -> int:
     return await process_refunds(ctx.pool, ctx.providers)
+
+
+@periodic("recheck_failed_refunds", every_seconds=60)
+async def recheck_refunds(ctx: JobContext) -> int:
+    return await recheck_failed_refunds(ctx.pool, ctx.providers)
 
 
 @periodic("close_abandoned_payments", every_seconds=10)

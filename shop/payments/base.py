@@ -72,6 +72,9 @@ class PaymentProvider(Protocol):
     ) -> RefundResult:
         """Refund (idempotent on refund_no: a retry never refunds twice)."""
 
+    async def query_refund(self, refund_no: str) -> RefundResult:
+        """What the provider says of a refund now (raises ProviderError when it cannot tell)."""
+
     def parse_paid_notify(self, headers: Mapping[str, str], body: bytes) -> PaidNotice:
         """Verify a payment notification and return what it says; raise NotifyRejected otherwise."""
 

@@ -72,6 +72,9 @@ class SandboxProvider:
     ) -> RefundResult:
         return RefundResult("succeeded", f"sbx_refund_{refund_no}")
 
+    async def query_refund(self, refund_no: str) -> RefundResult:
+        return RefundResult("succeeded", f"sbx_refund_{refund_no}")  # sandbox refunds succeed at once
+
     def parse_paid_notify(self, headers: Mapping[str, str], body: bytes) -> PaidNotice:
         data = self._verify(headers, body)
         if data.get("trade_state") != "SUCCESS":

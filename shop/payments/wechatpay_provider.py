@@ -54,6 +54,13 @@ def refund_notify_url(notify_url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"{head}/refund-notify", "", ""))
 
 
+def _refund_result(refund_no: str, data: dict[str, Any]) -> RefundResult:
+    status = REFUND_STATUSES.get(data["status"])
+    if status is None:
+        raise ProviderError(f"refund {refund_no} is {data['status']!r} at WeChat Pay")
+    return RefundResult(status, data.get("refund_id"), data["status"])
+
+
 class WeChatPayProvider:
     name = "wechatpay"
 
@@ -116,10 +123,14 @@ class WeChatPayProvider:
             )
         except (WeChatPayError, ValueError) as exc:
             raise ProviderError(str(exc)) from exc
-        status = REFUND_STATUSES.get(data["status"])
-        if status is None:
-            raise ProviderError(f"refund {refund_no} is {data['status']!r} at WeChat Pay")
-        return RefundResult(status, data.get("refund_id"), data["status"])
+        return _refund_result(refund_no, data)
+
+    async def query_refund(self, refund_no: str) -> RefundResult:
+        try:
+            data = await self.client.query_refund(refund_no)
+        except (WeChatPayError, ValueError) as exc:
+            raise ProviderError(str(exc)) from exc
+        return _refund_result(refund_no, data)
 
     def _verified(self, headers: Mapping[str, str], body: bytes, event_prefix: str) -> dict[str, Any]:
         try:

@@ -18,7 +18,7 @@ from shop.payments import shipping_info  # noqa: F401  registers the order.shipp
 from shop.payments.service import build_providers, close_providers, sync_payment_closes
 from shop.payments.wechatpay import WeChatPayConfigError, china_time
 from shop.payments.wechatpay_provider import refund_notify_url
-from shop.refunds import process_refunds
+from shop.refunds import process_refunds, recheck_failed_refunds
 from shop.worker import JobContext
 from tests.factories import make_address, make_product
 from tests.fakes import wechatpay as fakes
@@ -452,6 +452,39 @@ async def test_an_abnormal_refund_is_settled_once_by_an_operator_or_by_wechat(
         f"/api/v1/admin/refunds/{refund_b['id']}/settle", json={"note": note}, headers=admin_headers
     )
     assert (r.status_code, r.json()["error"]["code"]) == (409, "refund.illegal_transition")
+
+
+async def test_an_abnormal_refund_the_merchant_settles_at_wechat_is_found_without_its_notification(
+    client, app, db, fake_wechatpay, shopper
+):
+    _, headers, _ = shopper
+    order, payment, refund = await refunded_order(client, db, fake_wechatpay, shopper, 3900)
+    pool, providers = app.state.pool, app.state.providers
+    fake_wechatpay.refund_status = "ABNORMAL"
+    assert await process_refunds(pool, providers) == 0
+    row = await db.fetchrow(
+        "select status, next_attempt_at > now() + interval '25 minutes' as later from refunds"
+    )
+    assert (row["status"], row["later"]) == ("failed", True)  # asked about again, not hammered
+    assert await recheck_failed_refunds(pool, providers) == 0  # not due yet
+    await db.execute("update refunds set next_attempt_at = now()")
+    assert await recheck_failed_refunds(pool, providers) == 0  # still ABNORMAL at WeChat
+    assert await db.fetchval("select status from refunds") == "failed"
+    # The merchant handles it at WeChat Pay's platform; the REFUND.SUCCESS notification is lost.
+    fake_wechatpay.complete_refund(refund["refund_no"], "SUCCESS")
+    await db.execute("update refunds set next_attempt_at = now()")
+    assert await recheck_failed_refunds(pool, providers) == 1
+    final = await order_of(client, headers, order)
+    assert final["status"] == "refunded" and final["refunded_amount"] == payment["amount"]
+    assert await db.fetchval("select status from refunds") == "succeeded"
+    assert fake_wechatpay.refunded_total == payment["amount"]
+    await db.execute("update refunds set next_attempt_at = now()")
+    assert await recheck_failed_refunds(pool, providers) == 0  # over: not asked again
+    # A CLOSED refund is never re-asked: only an operator moves it.
+    _, _, refund_b = await refunded_order(client, db, fake_wechatpay, shopper, 2100)
+    fake_wechatpay.refund_status = "CLOSED"
+    assert await process_refunds(pool, providers) == 0
+    assert await db.fetchval("select next_attempt_at from refunds where id = $1", refund_b["id"]) is None
 
 
 async def test_an_answer_about_a_replaced_refund_number_changes_nothing(
