@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -29,6 +28,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from games.schemas import PrizeWon
+from shop.db import hold_xact_locks, session_lock
 from shop.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from shop.events import OrderEvent, on_order_event
 from shop.hotpath import (
@@ -262,31 +262,15 @@ def _flat(mapping: dict[str, Any]) -> list[Any]:
 # of the stock it read, never below 0; a unit added to Redis after that snapshot and won before
 # the rewrite would otherwise be counted twice: once as the draw it allowed is replayed onto a
 # count that never had it (and stays at 0), and once more when it is applied to the new hash.
-_COUNTERS_LOCK = "hashtextextended('game_counters:' || $1::bigint, 0)"
-
-
-@asynccontextmanager
-async def counters_lock(conn: asyncpg.Connection, game_id: int) -> AsyncIterator[None]:
-    """The game's counters lock for a session (outside a transaction: an aborted one would refuse
-    the unlock; the pool's reset releases it should the unlock not run). Re-entrant."""
-    if conn.is_in_transaction():
-        raise RuntimeError("counters_lock must be taken outside a transaction")
-    await conn.execute(f"select pg_advisory_lock({_COUNTERS_LOCK})", game_id)
-    try:
-        yield
-    finally:
-        try:
-            if not conn.is_closed():
-                await conn.execute(f"select pg_advisory_unlock({_COUNTERS_LOCK})", game_id)
-        except Exception:  # the error that got us here matters more
-            log.warning("game %s: counters lock not released here", game_id, exc_info=True)
+def counters_lock(conn: asyncpg.Connection, game_id: int):
+    """The game's counters lock for a session (shop.db.session_lock, outside a transaction)."""
+    return session_lock(conn, f"game_counters:{game_id}")
 
 
 async def hold_counters(conn: asyncpg.Connection, game_ids: Iterable[int]) -> None:
     """In a transaction that adds units back to games' stock: wait for a rebuild of any of them in
-    progress, and keep new ones out until the commit (game-id order: no deadlock)."""
-    for game_id in sorted(set(game_ids)):
-        await conn.execute(f"select pg_advisory_xact_lock({_COUNTERS_LOCK})", game_id)
+    progress, and keep new ones out until the commit."""
+    await hold_xact_locks(conn, [f"game_counters:{game_id}" for game_id in game_ids])
 
 
 async def rebuild_game(

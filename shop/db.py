@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -11,6 +12,8 @@ from litestar import Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from shop.settings import Settings
+
+log = logging.getLogger("shop.db")
 
 
 def _json_text(value: object) -> str:
@@ -22,6 +25,52 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     # times faster than the json module, same values).
     for name in ("jsonb", "json"):
         await conn.set_type_codec(name, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog")
+
+
+@asynccontextmanager
+async def session_lock(
+    conn: asyncpg.Connection,
+    name: str,
+    *,
+    wait: float | None = None,
+    timed_out: Callable[[], Exception] | None = None,
+) -> AsyncIterator[None]:
+    """A session-level advisory lock on `name` (hashtextextended(name, 0), the same lock a
+    `pg_advisory_xact_lock` on that key takes), released when done; the pool's reset releases it
+    too, should the unlock not run. Taken outside a transaction: an aborted one would refuse the
+    unlock. Re-entrant (a session's advisory locks are). `wait`: at most this many seconds, then
+    `timed_out()` is raised; None waits for as long as the connection's own limits allow."""
+    if conn.is_in_transaction():
+        raise RuntimeError(f"the {name} lock must be taken outside a transaction")
+    if wait is None:
+        await conn.execute("select pg_advisory_lock(hashtextextended($1, 0))", name)
+    else:
+        try:
+            # The limit is local to this short transaction; the session lock outlives its commit.
+            async with conn.transaction():
+                await conn.execute(
+                    "select set_config('lock_timeout', $1, true)", f"{max(1, round(wait * 1000))}ms"
+                )
+                await conn.execute("select pg_advisory_lock(hashtextextended($1, 0))", name)
+        except asyncpg.LockNotAvailableError:
+            if timed_out is None:
+                raise
+            raise timed_out() from None
+    try:
+        yield
+    finally:
+        try:
+            if not conn.is_closed():
+                await conn.execute("select pg_advisory_unlock(hashtextextended($1, 0))", name)
+        except Exception:  # the error that got us here matters more; closing or resetting releases it
+            log.warning("lock %s not released here", name, exc_info=True)
+
+
+async def hold_xact_locks(conn: asyncpg.Connection, names: list[str]) -> None:
+    """Inside a transaction: the advisory locks on `names` (those session_lock takes), in sorted
+    order (no deadlock between two holders of several), until the commit."""
+    for name in sorted(set(names)):
+        await conn.execute("select pg_advisory_xact_lock(hashtextextended($1, 0))", name)
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:

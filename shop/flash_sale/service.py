@@ -20,8 +20,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +29,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from shop.db import snapshot
+from shop.db import session_lock, snapshot
 from shop.errors import (
     Conflict,
     Forbidden,
@@ -339,50 +338,27 @@ async def rebuild_sale(
     await _mark_returns_done(conn, await _returns_to_redis(scripts, keys, late))
 
 
-_SALE_LOCK = "hashtextextended('flash_sale:' || $1::bigint, 0)"
 # How long an admin call waits for another writer of the same event (another admin's call, a
 # settle, a long `reconcile --fix`) before it is told to try again: a 409, not the pool's command
 # timeout (a 500).
 ADMIN_LOCK_WAIT_SECONDS = 20.0
 
 
-@asynccontextmanager
-async def sale_lock(
-    conn: asyncpg.Connection, sale_id: int, *, wait: float | None = None
-) -> AsyncIterator[None]:
+def _busy() -> Conflict:
+    return Conflict(
+        "Another change to this flash sale is in progress; try again shortly", code="flash_sale.busy"
+    )
+
+
+def sale_lock(conn: asyncpg.Connection, sale_id: int, *, wait: float | None = None):
     """One writer of an event's rules and counters in Redis at a time: publishing, an edit
     (including the rebuild after a failed one), settling and `shop reconcile --fix`. Each of them
     reads PostgreSQL and then writes Redis; interleaved, a slower one could write back what the
-    other had just changed (an edit's lowered quota, a settled event's "ended"). A session-level
-    advisory lock, taken before any row lock, released when done (the pool's reset releases it
-    too, should the unlock not run). Not inside a transaction: an aborted one would refuse the unlock.
-    Re-entrant (a session's advisory locks are). `wait`: at most this many seconds, then 409
-    `flash_sale.busy` (admin calls); None waits for as long as the connection's own limits allow
-    (the worker's pool: its command timeout; reconcile: no limit)."""
-    if conn.is_in_transaction():
-        raise RuntimeError("sale_lock must be taken outside a transaction")
-    if wait is None:
-        await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
-    else:
-        try:
-            # The limit is local to this short transaction; the session lock outlives its commit.
-            async with conn.transaction():
-                await conn.execute(
-                    "select set_config('lock_timeout', $1, true)", f"{max(1, round(wait * 1000))}ms"
-                )
-                await conn.execute(f"select pg_advisory_lock({_SALE_LOCK})", sale_id)
-        except asyncpg.LockNotAvailableError:
-            raise Conflict(
-                "Another change to this flash sale is in progress; try again shortly", code="flash_sale.busy"
-            ) from None
-    try:
-        yield
-    finally:
-        try:
-            if not conn.is_closed():
-                await conn.execute(f"select pg_advisory_unlock({_SALE_LOCK})", sale_id)
-        except Exception:  # the error that got us here matters more; closing or resetting releases it
-            log.warning("flash sale %s: lock not released here", sale_id, exc_info=True)
+    other had just changed (an edit's lowered quota, a settled event's "ended"). A session lock
+    (shop.db.session_lock), taken before any row lock. `wait`: at most this many seconds, then
+    409 `flash_sale.busy` (admin calls); None waits for as long as the connection's own limits
+    allow (the worker's pool: its command timeout; reconcile: no limit)."""
+    return session_lock(conn, f"flash_sale:{sale_id}", wait=wait, timed_out=_busy)
 
 
 async def publish_sale(
