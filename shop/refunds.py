@@ -68,10 +68,20 @@ class RefundOut(Schema):
     last_error: str | None
     provider_status: str | None
     settled_note: str | None
+    received_account: str | None
     created_at: datetime
     decided_at: datetime | None
     succeeded_at: datetime | None
     lines: list[RefundLineOut] = []
+
+
+class RefundActionOut(Schema):
+    action: Literal["approve", "reject", "retry", "settle"]
+    admin_id: int | None
+    admin_username: str | None
+    refund_no: str
+    note: str | None
+    created_at: datetime
 
 
 class RefundPage(Schema):
@@ -94,7 +104,7 @@ class SettleIn(Schema):
 
 
 REFUND_FIELDS = """id, refund_no, order_id, status, origin, reason, amount, restock, reject_reason, attempts,
-    last_error, provider_status, settled_note, created_at, decided_at, succeeded_at"""
+    last_error, provider_status, settled_note, received_account, created_at, decided_at, succeeded_at"""
 
 
 async def load_refunds(conn: asyncpg.Connection, rows) -> list[RefundOut]:
@@ -126,6 +136,31 @@ RETRYABLE_PROVIDER_STATUSES = frozenset({"CLOSED"})
 # Pay's platform): asked about every RECHECK_INTERVAL until it succeeds or an operator settles it.
 RECHECKED_PROVIDER_STATUSES = frozenset({"ABNORMAL"})
 RECHECK_INTERVAL = timedelta(minutes=30)
+
+
+async def _record_action(
+    conn: asyncpg.Connection, refund_id: int, action: str, admin_id: int | None, note: str | None = None
+) -> None:
+    """In the transaction that makes the decision: who made it, under which refund number."""
+    await conn.execute(
+        """insert into refund_actions (refund_id, action, admin_id, refund_no, note)
+           select id, $2, $3, refund_no, $4 from refunds where id = $1""",
+        refund_id,
+        action,
+        admin_id,
+        note,
+    )
+
+
+async def refund_actions(conn: asyncpg.Connection, refund_id: int) -> list[RefundActionOut]:
+    await load_refund(conn, refund_id)  # 404 when there is no such refund
+    rows = await conn.fetch(
+        """select a.action, a.admin_id, m.username as admin_username, a.refund_no, a.note, a.created_at
+           from refund_actions a left join admins m on m.id = a.admin_id
+           where a.refund_id = $1 order by a.id""",
+        refund_id,
+    )
+    return [RefundActionOut(**dict(r)) for r in rows]
 
 
 def _backoff(attempts: int) -> timedelta:
@@ -291,7 +326,9 @@ async def create_system_refund(
     )
 
 
-async def approve_refund(conn: asyncpg.Connection, refund_id: int, restock: bool) -> RefundOut:
+async def approve_refund(
+    conn: asyncpg.Connection, refund_id: int, restock: bool, admin_id: int | None = None
+) -> RefundOut:
     async with conn.transaction():
         order_id = await conn.fetchval("select order_id from refunds where id = $1", refund_id)
         if order_id is None:
@@ -307,6 +344,7 @@ async def approve_refund(conn: asyncpg.Connection, refund_id: int, restock: bool
         )
         if row is None:
             raise Conflict("Only a requested refund can be approved", code="refund.illegal_transition")
+        await _record_action(conn, refund_id, "approve", admin_id, "restock" if restock else None)
         after = await _restock(conn, order, refund_id) if restock else []
         if await _is_fully_approved(conn, order_id):
             await _start_full_refund(conn, order_id)
@@ -317,7 +355,9 @@ async def approve_refund(conn: asyncpg.Connection, refund_id: int, restock: bool
     return await load_refund(conn, refund_id)
 
 
-async def reject_refund(conn: asyncpg.Connection, refund_id: int, reason: str) -> RefundOut:
+async def reject_refund(
+    conn: asyncpg.Connection, refund_id: int, reason: str, admin_id: int | None = None
+) -> RefundOut:
     async with conn.transaction():
         order_id = await conn.fetchval("select order_id from refunds where id = $1", refund_id)
         if order_id is None:
@@ -331,6 +371,7 @@ async def reject_refund(conn: asyncpg.Connection, refund_id: int, reason: str) -
         )
         if row is None:
             raise Conflict("Only a requested refund can be rejected", code="refund.illegal_transition")
+        await _record_action(conn, refund_id, "reject", admin_id, reason)
         # Release the reservation so the shopper may ask again.
         await conn.execute(
             """update order_lines l set refunded_qty = l.refunded_qty - r.qty, refunded_amount = l.refunded_amount - r.amount
@@ -341,7 +382,12 @@ async def reject_refund(conn: asyncpg.Connection, refund_id: int, reason: str) -
     return await load_refund(conn, refund_id)
 
 
-async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refund_id: str | None) -> bool:
+async def finish_refund(
+    conn: asyncpg.Connection,
+    refund_id: int,
+    provider_refund_id: str | None,
+    received_account: str | None = None,
+) -> bool:
     """approved/processing/failed -> succeeded, exactly once; a full refund makes the order `refunded`.
 
     A failed refund succeeds too: WeChat Pay reports SUCCESS once the merchant has handled an
@@ -349,10 +395,12 @@ async def finish_refund(conn: asyncpg.Connection, refund_id: int, provider_refun
     """
     row = await conn.fetchrow(
         """update refunds set status = 'succeeded', succeeded_at = now(),
-               provider_refund_id = coalesce($2, provider_refund_id), next_attempt_at = null, last_error = null
+               provider_refund_id = coalesce($2, provider_refund_id), next_attempt_at = null, last_error = null,
+               received_account = coalesce($3, received_account)
            where id = $1 and status in ('approved', 'processing', 'failed') returning order_id, amount, origin""",
         refund_id,
         provider_refund_id,
+        received_account,
     )
     if row is None:
         return False
@@ -410,7 +458,9 @@ async def fail_refund(
     return True
 
 
-async def retry_refund(conn: asyncpg.Connection, settings: Settings, refund_id: int) -> RefundOut:
+async def retry_refund(
+    conn: asyncpg.Connection, settings: Settings, refund_id: int, admin_id: int | None = None
+) -> RefundOut:
     """failed (CLOSED: nothing was paid) -> approved under a new refund number, sent again."""
     async with conn.transaction():
         row = await conn.fetchrow(
@@ -426,6 +476,7 @@ async def retry_refund(conn: asyncpg.Connection, settings: Settings, refund_id: 
                 " settle it at the provider (or pay it back another way), then record it as settled",
                 code="refund.not_retryable",
             )
+        await _record_action(conn, refund_id, "retry", admin_id)
         await conn.execute(
             "insert into superseded_refund_nos (refund_no, refund_id, provider_status) values ($1, $2, $3)",
             row["refund_no"],
@@ -442,7 +493,9 @@ async def retry_refund(conn: asyncpg.Connection, settings: Settings, refund_id: 
     return await load_refund(conn, refund_id)
 
 
-async def settle_refund(conn: asyncpg.Connection, refund_id: int, note: str) -> RefundOut:
+async def settle_refund(
+    conn: asyncpg.Connection, refund_id: int, note: str, admin_id: int | None = None
+) -> RefundOut:
     """failed -> succeeded: an operator paid the money back outside this refund number."""
     async with conn.transaction():
         # The refund row first, then the order (in finish_refund): the order the provider's
@@ -455,6 +508,7 @@ async def settle_refund(conn: asyncpg.Connection, refund_id: int, note: str) -> 
         if noted is None:
             await load_refund(conn, refund_id)  # 404 when there is no such refund
             raise Conflict("Only a failed refund can be settled", code="refund.illegal_transition")
+        await _record_action(conn, refund_id, "settle", admin_id, note)
         await finish_refund(conn, refund_id, None)
     return await load_refund(conn, refund_id)
 
@@ -517,7 +571,9 @@ async def process_refunds(
                                           "provider_status": result.provider_status}},
                     )  # fmt: skip
                 elif result.status == "succeeded":
-                    done += await finish_refund(conn, row["id"], result.provider_refund_id)
+                    done += await finish_refund(
+                        conn, row["id"], result.provider_refund_id, result.received_account
+                    )
                 elif result.status == "failed":
                     await fail_refund(conn, row["id"], result.provider_refund_id, result.provider_status)
                 else:
@@ -572,7 +628,9 @@ async def recheck_failed_refunds(
                     row["refund_no"],
                 )
                 if still:
-                    done += await finish_refund(conn, row["id"], result.provider_refund_id)
+                    done += await finish_refund(
+                        conn, row["id"], result.provider_refund_id, result.received_account
+                    )
     return done
 
 
@@ -619,7 +677,7 @@ async def handle_refund_notify(
             )
             return provider.ack()
         if notice.succeeded:
-            await finish_refund(conn, refund_id, notice.provider_refund_id)
+            await finish_refund(conn, refund_id, notice.provider_refund_id, notice.received_account)
         elif notice.provider_status in FAILED_PROVIDER_STATUSES:
             await fail_refund(conn, refund_id, notice.provider_refund_id, notice.provider_status)
         else:  # not an outcome (a provider's progress report): the worker keeps asking
@@ -714,29 +772,36 @@ class AdminRefundController(Controller):
     async def detail(self, refund_id: int, admin: AuthAdmin, conn: asyncpg.Connection) -> RefundOut:
         return await load_refund(conn, refund_id)
 
+    @get("/{refund_id:int}/actions")
+    async def actions(
+        self, refund_id: int, admin: AuthAdmin, conn: asyncpg.Connection
+    ) -> list[RefundActionOut]:
+        """Every operator decision on the refund, oldest first: who, what, under which number."""
+        return await refund_actions(conn, refund_id)
+
     @post("/{refund_id:int}/approve", status_code=200)
     async def approve(
         self, refund_id: int, data: ApproveIn, admin: AuthAdmin, conn: asyncpg.Connection
     ) -> RefundOut:
         """Approve a refund of a shipped order; `restock` says whether the goods came back."""
-        return await approve_refund(conn, refund_id, data.restock)
+        return await approve_refund(conn, refund_id, data.restock, admin.id)
 
     @post("/{refund_id:int}/retry", status_code=200)
     async def retry(
         self, request: Request, refund_id: int, admin: AuthAdmin, conn: asyncpg.Connection
     ) -> RefundOut:
         """Send a failed refund again under a new number (only when the provider closed it unpaid)."""
-        return await retry_refund(conn, request.app.state.settings, refund_id)
+        return await retry_refund(conn, request.app.state.settings, refund_id, admin.id)
 
     @post("/{refund_id:int}/settle", status_code=200)
     async def settle(
         self, refund_id: int, data: SettleIn, admin: AuthAdmin, conn: asyncpg.Connection
     ) -> RefundOut:
         """Record that a failed refund was paid back another way: it succeeds, the order is refunded."""
-        return await settle_refund(conn, refund_id, data.note)
+        return await settle_refund(conn, refund_id, data.note, admin.id)
 
     @post("/{refund_id:int}/reject", status_code=200)
     async def reject(
         self, refund_id: int, data: RejectIn, admin: AuthAdmin, conn: asyncpg.Connection
     ) -> RefundOut:
-        return await reject_refund(conn, refund_id, data.reason)
+        return await reject_refund(conn, refund_id, data.reason, admin.id)

@@ -36,6 +36,7 @@ class RefundNotice:
     raw: dict[str, Any]
     # The provider's own word for the outcome (WeChat Pay: SUCCESS, ABNORMAL, CLOSED).
     provider_status: str | None = None
+    received_account: str | None = None  # where the money went, as the provider words it
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RefundResult:
     status: str
     provider_refund_id: str | None
     provider_status: str | None = None
+    received_account: str | None = None  # where the money went, as the provider words it
 
 
 @dataclass(frozen=True)

@@ -584,6 +584,7 @@ class RefundNotice:
     out_trade_no: str | None = None
     transaction_id: str | None = None
     success_time: datetime | None = None
+    user_received_account: str | None = None
 
 
 def _field(data: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -634,4 +635,11 @@ def parse_refund_resource(resource: Mapping[str, Any], mchid: str | None = None)
         out_trade_no=resource.get("out_trade_no"),
         transaction_id=resource.get("transaction_id"),
         success_time=_parse_time(resource.get("success_time")),
+        user_received_account=user_received_account(resource),
     )
+
+
+def user_received_account(refund: Mapping[str, Any]) -> str | None:
+    """Where a refund's money went, as WeChat words it (a refund's answer or notice resource)."""
+    value = refund.get("user_received_account")
+    return value[:200] if isinstance(value, str) and value else None

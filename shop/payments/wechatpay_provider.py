@@ -31,6 +31,7 @@ from shop.payments.wechatpay import (
     notify_ack,
     notify_nack,
     parse_refund_resource,
+    user_received_account,
 )
 
 log = logging.getLogger("shop.payments.wechatpay")
@@ -58,7 +59,7 @@ def _refund_result(refund_no: str, data: dict[str, Any]) -> RefundResult:
     status = REFUND_STATUSES.get(data["status"])
     if status is None:
         raise ProviderError(f"refund {refund_no} is {data['status']!r} at WeChat Pay")
-    return RefundResult(status, data.get("refund_id"), data["status"])
+    return RefundResult(status, data.get("refund_id"), data["status"], user_received_account(data))
 
 
 class WeChatPayProvider:
@@ -167,6 +168,7 @@ class WeChatPayProvider:
             refund.refund_status == "SUCCESS",
             resource,
             refund.refund_status,
+            refund.user_received_account,
         )
 
     def ack(self) -> tuple[int, Any]:

@@ -150,6 +150,17 @@ async def test_refund_after_shipping_needs_the_merchant(client, app, db, paid_or
     assert [x["status"] for x in r.json()] == ["rejected", "succeeded"]
     r = await client.get("/api/v1/admin/refunds/999999", headers=admin_headers)
     assert r.status_code == 404
+    # Each decision names the admin who made it; a refused one leaves no trace.
+    actions = (await client.get(f"/api/v1/admin/refunds/{refund_id}/actions", headers=admin_headers)).json()
+    assert [(a["action"], a["admin_username"], a["note"]) for a in actions] == [
+        ("reject", "boss", "人为损坏")
+    ]
+    actions = (await client.get(f"/api/v1/admin/refunds/{second}/actions", headers=admin_headers)).json()
+    assert [(a["action"], a["admin_username"], a["note"]) for a in actions] == [("approve", "boss", None)]
+    r = await client.get(f"/api/v1/admin/refunds/{second}/actions", headers=headers)
+    assert r.status_code == 401
+    r = await client.get("/api/v1/admin/refunds/999999/actions", headers=admin_headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "refund.not_found")
 
 
 async def test_refund_of_unpaid_or_foreign_order(client, db, make_user):

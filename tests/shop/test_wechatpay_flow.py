@@ -306,6 +306,8 @@ async def test_refund_retried_after_failures_and_finished_by_notification(
     assert await db.fetchval("select status from refunds") == "succeeded"
     assert await db.fetchval("select count(*) from order_events where type = 'order.refunded'") == 1
     assert fake_wechatpay.refunded_total == payment["amount"]
+    detail = (await client.get(f"/api/v1/orders/{order['id']}/refunds", headers=headers)).json()[0]
+    assert detail["received_account"] == "支付用户零钱"  # where WeChat's notice says the money went
     # A refund WeChat never heard of from us is refused.
     unknown = {**resource, "out_refund_no": "R0000000000000"}
     h, body = fake_wechatpay.make_notification("REFUND.SUCCESS", unknown)
@@ -361,6 +363,12 @@ async def test_a_closed_refund_stops_being_sent_until_an_operator_retries_it_und
     assert retried["status"] == "approved" and retried["refund_no"] != refund["refund_no"]
     assert retried["provider_status"] is None and retried["last_error"] is None
     assert await db.fetchval("select count(*) from superseded_refund_nos") == 1
+    actions = (
+        await client.get(f"/api/v1/admin/refunds/{refund['id']}/actions", headers=admin_headers)
+    ).json()
+    assert [(a["action"], a["admin_username"], a["refund_no"]) for a in actions] == [
+        ("retry", "boss", refund["refund_no"])  # the number it replaced
+    ]
 
     fake_wechatpay.refund_status = "SUCCESS"
     assert await process_refunds(pool, providers) == 1
@@ -418,6 +426,9 @@ async def test_an_abnormal_refund_is_settled_once_by_an_operator_or_by_wechat(
     assert [r.status_code for r in notifies] == [204] * 4
     assert all(r.status_code in (200, 409) for r in settles)
     assert sum(r.status_code == 200 for r in settles) <= 1
+    assert await db.fetchval(
+        "select count(*) from refund_actions where refund_id = $1", refund_a["id"]
+    ) == sum(r.status_code == 200 for r in settles)  # only the settlement that took effect is recorded
     row = await db.fetchrow("select status, settled_note from refunds where id = $1", refund_a["id"])
     assert row["status"] == "succeeded"
     assert row["settled_note"] == (note if any(r.status_code == 200 for r in settles) else None)
@@ -452,6 +463,10 @@ async def test_an_abnormal_refund_is_settled_once_by_an_operator_or_by_wechat(
         f"/api/v1/admin/refunds/{refund_b['id']}/settle", json={"note": note}, headers=admin_headers
     )
     assert (r.status_code, r.json()["error"]["code"]) == (409, "refund.illegal_transition")
+    actions = (
+        await client.get(f"/api/v1/admin/refunds/{refund_b['id']}/actions", headers=admin_headers)
+    ).json()
+    assert [(a["action"], a["admin_username"], a["note"]) for a in actions] == [("settle", "boss", note)]
 
 
 async def test_an_abnormal_refund_the_merchant_settles_at_wechat_is_found_without_its_notification(
@@ -474,6 +489,7 @@ async def test_an_abnormal_refund_the_merchant_settles_at_wechat_is_found_withou
     fake_wechatpay.complete_refund(refund["refund_no"], "SUCCESS")
     await db.execute("update refunds set next_attempt_at = now()")
     assert await recheck_failed_refunds(pool, providers) == 1
+    assert await db.fetchval("select received_account from refunds") == "支付用户零钱"  # from the query
     final = await order_of(client, headers, order)
     assert final["status"] == "refunded" and final["refunded_amount"] == payment["amount"]
     assert await db.fetchval("select status from refunds") == "succeeded"
