@@ -25,7 +25,7 @@ from games.schemas import (
 from shop.auth_tokens import AuthAdmin, admin_guard
 from shop.errors import Conflict, NotFound, ValidationFailed
 from shop.keys import Keys
-from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, Limit, decode_id_cursor, encode_cursor
 from shop.settings import Settings
 
 PRIZE_COLUMNS = ["name", "kind", "coupon_template_id", "points", "sku_id", "weight", "stock", "per_user_cap"]
@@ -361,10 +361,10 @@ class AdminGameController(Controller):
         cursor: str | None = None,
         limit: Limit = DEFAULT_LIMIT,
     ) -> GamePage:
-        after = decode_cursor(cursor)
+        after = decode_id_cursor(cursor)
         rows = await conn.fetch(
             f"select {engine.GAME_FIELDS} from games where ($1::bigint is null or id < $1) order by id desc limit $2",
-            after[0] if after else None,
+            after,
             limit + 1,
         )
         more = len(rows) > limit

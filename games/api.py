@@ -24,7 +24,7 @@ from shop.auth_tokens import AuthUser
 from shop.errors import NotFound
 from shop.orders.schemas import OrderOut
 from shop.orders.service import load_order
-from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, Limit, decode_id_cursor, encode_cursor
 
 
 async def _published(conn: asyncpg.Connection, game_id: int):
@@ -79,14 +79,14 @@ class GameController(Controller):
         limit: Limit = DEFAULT_LIMIT,
     ) -> MyDrawPage:
         """The shopper's draws, newest first (a sealed card shows no prize until scratched)."""
-        after = decode_cursor(cursor)
+        after = decode_id_cursor(cursor)
         rows = await conn.fetch(
             """select d.id, d.draw_no, d.game_id, g.type as game_type, d.paid, d.card_status, d.drawn_at,
                        p.position, p.name, p.kind, p.points, p.coupon_template_id, p.sku_id
                 from game_draws d join games g on g.id = d.game_id join game_prizes p on p.id = d.prize_id
                 where d.user_id = $1 and ($2::bigint is null or d.id < $2) order by d.id desc limit $3""",
             user.id,
-            after[0] if after else None,
+            after,
             limit + 1,
         )
         more = len(rows) > limit
@@ -115,7 +115,7 @@ class GameController(Controller):
         limit: Limit = DEFAULT_LIMIT,
     ) -> PrizeRecordPage:
         """The shopper's prizes; `?status=awaiting_claim` lists goods waiting for an address."""
-        after = decode_cursor(cursor)
+        after = decode_id_cursor(cursor)
         rows = await conn.fetch(
             """select r.id, d.draw_no, r.game_id, p.name as prize_name, r.kind, r.status, r.coupon_id, r.order_id,
                       r.claim_deadline, r.delivered_at
@@ -124,7 +124,7 @@ class GameController(Controller):
                order by r.id desc limit $4""",
             user.id,
             status,
-            after[0] if after else None,
+            after,
             limit + 1,
         )
         more = len(rows) > limit

@@ -15,10 +15,35 @@ MAX_LIMIT = 100
 
 # The `?limit=` parameter of every list.
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
+# An id in a list's filter (`?user_id=`): out of bigint range is a 422, not an overflow (500).
+IdFilter = Annotated[int | None, Parameter(ge=1, le=2**63 - 1)]
 
 
 def encode_cursor(*values: Any) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(list(values))).decode().rstrip("=")
+
+
+BIGINT_MAX = 2**63 - 1
+BIGINT_MIN = -(2**63)
+
+
+def invalid_cursor() -> ValidationFailed:
+    return ValidationFailed(
+        "Invalid cursor", code="invalid_cursor", details=[{"field": "cursor", "message": "invalid cursor"}]
+    )
+
+
+def cursor_bigint(value: object) -> int:
+    """A cursor value that goes into a bigint parameter; anything else is a 422, not a 500."""
+    if type(value) is not int or not BIGINT_MIN <= value <= BIGINT_MAX:
+        raise invalid_cursor()
+    return value
+
+
+def decode_id_cursor(cursor: str | None) -> int | None:
+    """The last id an id-ordered page ended at (encode_cursor(id)), or None for the first page."""
+    values = decode_cursor(cursor)
+    return None if values is None else cursor_bigint(values[0])
 
 
 def decode_cursor(cursor: str | None, arity: int = 1) -> list[Any] | None:
@@ -30,9 +55,5 @@ def decode_cursor(cursor: str | None, arity: int = 1) -> list[Any] | None:
     except (ValueError, msgspec.DecodeError):
         values = None
     if not isinstance(values, list) or len(values) != arity:
-        raise ValidationFailed(
-            "Invalid cursor",
-            code="invalid_cursor",
-            details=[{"field": "cursor", "message": "invalid cursor"}],
-        )
+        raise invalid_cursor()
     return values

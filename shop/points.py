@@ -19,7 +19,7 @@ from litestar import Controller, get, put
 from shop.auth_tokens import AuthAdmin, AuthUser, admin_guard
 from shop.errors import Conflict
 from shop.events import OrderEvent, on_order_event
-from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, Limit, decode_id_cursor, encode_cursor
 from shop.schemas import Schema
 
 EntryKind = Literal["prize", "order", "draw", "draw_refund", "refund_reversal", "adjust"]
@@ -213,12 +213,12 @@ class PointsController(Controller):
         limit: Limit = DEFAULT_LIMIT,
     ) -> PointsOut:
         """The shopper's balance, debt and ledger entries, newest first."""
-        after = decode_cursor(cursor)
+        after = decode_id_cursor(cursor)
         rows = await conn.fetch(
             f"""select {ENTRY_FIELDS} from points_entries
                 where user_id = $1 and ($2::bigint is null or id < $2) order by id desc limit $3""",
             user.id,
-            after[0] if after else None,
+            after,
             limit + 1,
         )
         more = len(rows) > limit

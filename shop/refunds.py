@@ -22,7 +22,7 @@ from shop.errors import Conflict, NotFound, ValidationFailed
 from shop.events import record_event
 from shop.idempotency import IdempotencyKey, idempotent_response, run_idempotent
 from shop.orders.service import business_no, give_back_units, run_after_commit
-from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, IdFilter, decode_id_cursor, encode_cursor
 from shop.payments.base import NotifyRejected, PaymentProvider, ProviderError
 from shop.schemas import Schema
 from shop.settings import Settings
@@ -226,12 +226,15 @@ async def request_refund(
             order_id,
         )
     }
-    wanted: list[tuple[int, int, int]] = []  # (line_id, qty, amount)
+    # (line_id, qty, amount). A line a coupon covered whole was paid 0 fen: its units still come
+    # back (and are reserved, so the order counts as wholly refunded only once they are).
+    wanted: list[tuple[int, int, int]] = []
     if body.lines is None:
         for line in lines.values():
             amount = line["payable_amount"] - line["refunded_amount"]
-            if amount > 0:
-                wanted.append((line["id"], line["qty"] - line["refunded_qty"], amount))
+            qty = line["qty"] - line["refunded_qty"]
+            if amount > 0 or qty > 0:
+                wanted.append((line["id"], qty, amount))
     else:
         seen = set()
         for item in body.lines:
@@ -254,7 +257,7 @@ async def request_refund(
                 amount = item.amount
             if amount > left_amount:
                 raise Conflict("Refund amount exceeds what was paid for the line", code="refund.exceeds_paid")
-            if amount > 0:
+            if amount > 0 or item.qty > 0:
                 wanted.append((item.line_id, item.qty, amount))
     if not wanted:
         raise Conflict("Nothing left to refund on this order", code="refund.nothing_to_refund")
@@ -273,6 +276,8 @@ async def request_refund(
     full = await _is_fully_reserved(conn, order_id)
     if full and order["status"] == "paid":
         total += order["shipping_fee"]  # nothing was shipped: shipping is refunded too
+    if total <= 0:  # only lines paid 0 fen, with no shipping to pay back (the reservations roll back)
+        raise Conflict("Nothing was paid for what is asked back", code="refund.nothing_to_refund")
     auto = order["status"] == "paid"
     payment_id = await conn.fetchval("select paid_payment_id from orders where id = $1", order_id)
     refund_id = await conn.fetchval(
@@ -750,11 +755,11 @@ class AdminRefundController(Controller):
         admin: AuthAdmin,
         conn: asyncpg.Connection,
         status: RefundStatus | None = None,
-        order_id: int | None = None,
+        order_id: IdFilter = None,
         cursor: str | None = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     ) -> RefundPage:
-        after = decode_cursor(cursor)
+        after = decode_id_cursor(cursor)
         rows = await conn.fetch(
             f"""select {REFUND_FIELDS} from refunds
                 where ($1::text is null or status = $1) and ($2::bigint is null or order_id = $2)
@@ -762,7 +767,7 @@ class AdminRefundController(Controller):
                 order by id desc limit $4""",
             status,
             order_id,
-            after[0] if after else None,
+            after,
             limit + 1,
         )
         items = await load_refunds(conn, rows[:limit])

@@ -30,7 +30,7 @@ from shop.catalog.schemas import (
     StockLedgerEntry,
     StockLedgerPage,
 )
-from shop.pagination import DEFAULT_LIMIT, Limit
+from shop.pagination import DEFAULT_LIMIT, IdFilter, Limit
 
 Keyword = Annotated[str | None, Parameter(max_length=50)]
 
@@ -73,7 +73,7 @@ class AdminProductController(Controller):
         self,
         conn: asyncpg.Connection,
         status: ProductStatus | None = None,
-        category_id: int | None = None,
+        category_id: IdFilter = None,
         q: Keyword = None,
         cursor: str | None = None,
         limit: Limit = DEFAULT_LIMIT,
@@ -164,7 +164,7 @@ class ShelfController(Controller):
     async def list_products(
         self,
         conn: asyncpg.Connection,
-        category_id: int | None = None,
+        category_id: IdFilter = None,
         sort: ShelfSort = "default",
         q: Keyword = None,
         cursor: str | None = None,

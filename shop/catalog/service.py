@@ -31,10 +31,9 @@ from shop.catalog.schemas import (
     StockLedgerPage,
 )
 from shop.errors import Conflict, NotFound, ValidationFailed
-from shop.pagination import decode_cursor, encode_cursor
+from shop.pagination import BIGINT_MAX, BIGINT_MIN, decode_cursor, encode_cursor, invalid_cursor
+from shop.pagination import cursor_bigint as _bigint
 
-BIGINT_MAX = 2**63 - 1
-BIGINT_MIN = -(2**63)
 # Where each shopper sort's first page starts: a key before every real row.
 _FIRST_PAGE_KEYS: dict[str, tuple[int | datetime, int]] = {
     "default": (BIGINT_MIN, BIGINT_MAX),
@@ -46,18 +45,6 @@ _FIRST_PAGE_KEYS: dict[str, tuple[int | datetime, int]] = {
 
 
 # ---- cursors ----
-
-
-def _bigint(value: object) -> int:
-    if type(value) is not int or not BIGINT_MIN <= value <= BIGINT_MAX:
-        raise invalid_cursor()
-    return value
-
-
-def invalid_cursor() -> ValidationFailed:
-    return ValidationFailed(
-        "Invalid cursor", code="invalid_cursor", details=[{"field": "cursor", "message": "invalid cursor"}]
-    )
 
 
 def _shelf_cursor(cursor: str | None, sort: str) -> tuple[int | datetime, int]:
@@ -365,9 +352,10 @@ async def update_sku(conn: asyncpg.Connection, sku_id: int, data: SkuUpdate) -> 
         raise NotFound("No such SKU", code="catalog.sku_not_found")
     try:
         async with conn.transaction():
-            # Product row first, then the SKU: the order every SKU writer follows.
-            await queries.lock_product(conn, found["product_id"])
+            # The SKU row first, then the product: the order checkout, cancel and every stock writer
+            # take them in (stock, then the product's sales), so an edit never deadlocks with them.
             current = await queries.lock_sku(conn, sku_id)
+            await queries.lock_product(conn, found["product_id"])
             merged = {
                 field: current[field] if getattr(data, field) is UNSET else getattr(data, field)
                 for field in SkuUpdate.__struct_fields__

@@ -27,17 +27,17 @@ from shop.errors import NotFound, ShopError
 from shop.hotpath import hotpath_of
 from shop.idempotency import IdempotencyKey, check_key
 from shop.orders.service import price_lines, shipping_fee_for
-from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, Limit, decode_id_cursor, encode_cursor
 
 
 async def _template_page(
     request: Request, conn, *, status, cursor, limit, claimable_only=False
 ) -> TemplatePage:
-    after = decode_cursor(cursor)
+    after = decode_id_cursor(cursor)
     rows = await queries.fetch_templates(
         conn,
         status=status,
-        before_id=after[0] if after else None,
+        before_id=after,
         limit=limit + 1,
         claimable_only=claimable_only,
     )
@@ -100,10 +100,8 @@ class CouponController(Controller):
         limit: Limit = DEFAULT_LIMIT,
     ) -> CouponPage:
         """The shopper's coupons by state (available, locked, used, expired), newest first."""
-        after = decode_cursor(cursor)
-        rows = await queries.fetch_user_coupons(
-            conn, user.id, state=status, before_id=after[0] if after else None, limit=limit + 1
-        )
+        after = decode_id_cursor(cursor)
+        rows = await queries.fetch_user_coupons(conn, user.id, state=status, before_id=after, limit=limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         return CouponPage(

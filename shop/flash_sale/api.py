@@ -24,7 +24,7 @@ from shop.flash_sale.schemas import (
 )
 from shop.idempotency import IdempotencyKey, check_key
 from shop.orders.schemas import OrderOut
-from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, MAX_LIMIT, decode_id_cursor, encode_cursor
 
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
 
@@ -96,10 +96,8 @@ class AdminFlashSaleController(Controller):
         cursor: str | None = None,
         limit: Limit = DEFAULT_LIMIT,
     ) -> FlashSalePage:
-        after = decode_cursor(cursor)
-        rows = await queries.fetch_sales(
-            conn, status=status, before_id=after[0] if after else None, limit=limit + 1
-        )
+        after = decode_id_cursor(cursor)
+        rows = await queries.fetch_sales(conn, status=status, before_id=after, limit=limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         items = await queries.fetch_items(conn, [r["id"] for r in rows])

@@ -21,16 +21,16 @@ from shop.orders.schemas import (
     ShipIn,
     ShippingRuleIO,
 )
-from shop.pagination import DEFAULT_LIMIT, Limit, decode_cursor, encode_cursor
+from shop.pagination import DEFAULT_LIMIT, IdFilter, Limit, decode_id_cursor, encode_cursor
 
 
 async def _page(conn, *, user_id, status, cursor, limit, query=None) -> OrderPage:
-    after = decode_cursor(cursor)
+    after = decode_id_cursor(cursor)
     orders = await service.list_orders(
         conn,
         user_id=user_id,
         status=status,
-        before_id=after[0] if after else None,
+        before_id=after,
         limit=limit + 1,
         query=query,
     )
@@ -131,7 +131,7 @@ class AdminOrderController(Controller):
         admin: AuthAdmin,
         conn: asyncpg.Connection,
         status: OrderStatus | None = None,
-        user_id: int | None = None,
+        user_id: IdFilter = None,
         q: Annotated[str | None, Parameter(max_length=64)] = None,
         cursor: str | None = None,
         limit: Limit = DEFAULT_LIMIT,

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from shop.catalog.queries import fetch_skus_for_sale
-from shop.errors import Conflict, NotFound
+from shop.errors import Conflict, NotFound, ValidationFailed
 from shop.events import record_event
 from shop.orders.schemas import LineIn, OrderIn, OrderLineOut, OrderOut, PricedLine, ShipIn, ShipmentOut
 from shop.settings import Settings
@@ -48,6 +48,11 @@ def merge_lines(items: Iterable[LineIn]) -> dict[int, int]:
     return merged
 
 
+# The largest cart one order takes, in fen (20 million yuan): amounts are 32-bit integer columns,
+# with room left for shipping.
+MAX_ORDER_AMOUNT = 2_000_000_000
+
+
 async def price_lines(conn: asyncpg.Connection, items: Iterable[LineIn]) -> list[PricedLine]:
     """Price every line from the database (a client-sent price is never read), in SKU-id order."""
     wanted = merge_lines(items)
@@ -74,6 +79,12 @@ async def price_lines(conn: asyncpg.Connection, items: Iterable[LineIn]) -> list
                 in_stock=row["stock"] >= qty,
                 category_id=row["category_id"],
             )
+        )
+    if sum(line.line_amount for line in lines) > MAX_ORDER_AMOUNT:
+        raise ValidationFailed(
+            f"An order may total at most {MAX_ORDER_AMOUNT // 100} yuan; split the cart",
+            code="order.amount_too_large",
+            details=[{"field": "items", "message": "the cart's total is too large for one order"}],
         )
     return lines
 

@@ -7,6 +7,7 @@ import asyncio
 from shop.coupons.service import expire_coupons
 from shop.events import dispatch_order_events
 from shop.orders.service import allocate_discount, cancel_expired_orders
+from shop.refunds import process_refunds
 from tests.factories import make_address, make_product, stock_of
 from tests.shop.test_coupons import ADMIN, claim, code_of, expire_coupon, make_template
 
@@ -218,3 +219,34 @@ async def test_scope_threshold_and_ownership(client, db, make_user, admin_header
     r = await client.post("/api/v1/coupons/for-cart", json={"items": []}, headers=headers)
     assert r.status_code == 422
     assert (await client.post("/api/v1/coupons/for-cart", json={"items": items})).status_code == 401
+
+
+async def test_a_line_a_coupon_paid_whole_comes_back_with_the_refund(
+    client, app, db, make_user, admin_headers
+):
+    # The coupon covers the only item; the shopper pays the shipping alone. Refunding before
+    # shipping pays the shipping back and returns the unit (the line itself was paid 0 fen).
+    await db.execute("update shipping_rule set free_threshold = null, flat_fee = 800")
+    _, headers, address_id, coupon = await shopper_with_coupon(
+        client, db, make_user, admin_headers, name="无门槛10元", kind="no_threshold", threshold=0, amount=1000
+    )
+    _, (sku,) = await make_product(db, skus=[(1000, 5)])
+    r = await order(client, headers, address_id, [{"sku_id": sku, "qty": 1}], coupon["id"])
+    assert r.status_code == 201, r.text
+    placed = r.json()
+    assert (placed["payable_amount"], placed["lines"][0]["payable_amount"]) == (800, 0)
+    r = await client.post(f"/api/v1/payments/sandbox/{placed['order_no']}/simulate", headers=headers)
+    assert r.json()["order_status"] == "paid"
+    assert await stock_of(db, sku) == 4
+    r = await client.post(
+        f"/api/v1/orders/{placed['id']}/refunds", json={"reason": "不要了"}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    assert (r.json()["status"], r.json()["amount"]) == ("approved", 800)
+    assert [(ln["qty"], ln["amount"]) for ln in r.json()["lines"]] == [(1, 0)]
+    assert await stock_of(db, sku) == 5  # the unit is back
+    assert await process_refunds(app.state.pool, app.state.providers) == 1
+    final = (await client.get(f"/api/v1/orders/{placed['id']}", headers=headers)).json()
+    assert final["status"] == "refunded" and final["refunded_amount"] == 800
+    r = await client.post(f"/api/v1/orders/{placed['id']}/refunds", json={"reason": "again"}, headers=headers)
+    assert (r.status_code, code_of(r)) == (409, "refund.not_allowed")

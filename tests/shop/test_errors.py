@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -162,3 +163,42 @@ async def test_one_structured_log_line_per_request(settings, db, caplog):
     assert first["method"] == "GET" and first["ms"] >= 0
     second = json.loads(JsonFormatter().format(records[1]))
     assert second["request_id"] == generated.headers["x-request-id"] and second["status"] == 404
+
+
+async def test_bad_cursors_and_out_of_range_id_filters_are_422_on_every_list(
+    client, make_user, admin_headers
+):
+    _, headers = await make_user()
+
+    def cursor(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    lists = [
+        ("/api/v1/orders", headers),
+        ("/api/v1/coupons", headers),
+        ("/api/v1/points", headers),
+        ("/api/v1/games/draws", headers),
+        ("/api/v1/games/prizes", headers),
+        ("/api/v1/admin/orders", admin_headers),
+        ("/api/v1/admin/refunds", admin_headers),
+        ("/api/v1/admin/games", admin_headers),
+        ("/api/v1/admin/flash-sales", admin_headers),
+    ]
+    for url, h in lists:
+        assert (await client.get(url, headers=h)).status_code == 200, url
+        for raw in (b'["a"]', b"[1.5]", b"[1e30]", b"[99999999999999999999]", b"[true]", b"[null]"):
+            r = await client.get(url, params={"cursor": cursor(raw)}, headers=h)
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_cursor"), (url, raw, r.text)
+    for url, name, h in [
+        ("/api/v1/admin/orders", "user_id", admin_headers),
+        ("/api/v1/admin/refunds", "order_id", admin_headers),
+        ("/api/v1/admin/products", "category_id", admin_headers),
+        ("/api/v1/products", "category_id", headers),
+    ]:
+        for value in ("99999999999999999999", "0"):
+            r = await client.get(url, params={name: value}, headers=h)
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_failed"), (
+                url,
+                value,
+                r.text,
+            )

@@ -8,6 +8,7 @@ import pytest
 
 from shop.orders.service import allocate_discount, auto_confirm_orders, cancel_expired_orders
 from tests.factories import make_address, make_product, stock_of
+from tests.shop.test_coupons import many_users
 
 
 @pytest.fixture
@@ -394,3 +395,56 @@ async def test_old_idempotency_keys_are_purged(client, app, db, make_user):
     )
     assert await purge_idempotency_keys(SimpleNamespace(pool=app.state.pool)) == 1500
     assert await db.fetchval("select count(*) from idempotency_keys") == 100
+
+
+async def test_a_cart_too_large_for_one_order_is_422_not_a_crash(client, db, make_user):
+    user_id, headers = await make_user()
+    address_id = await make_address(db, user_id)
+    _, (sku,) = await make_product(db, skus=[(1_000_000_000, 10)])  # 10 million yuan a unit
+    items = [{"sku_id": sku, "qty": 3}]
+    for url, body in [
+        ("/api/v1/checkout/preview", {"items": items}),
+        ("/api/v1/orders", {"items": items, "address_id": address_id}),
+    ]:
+        r = await client.post(url, json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "order.amount_too_large"), r.text
+    assert await db.fetchval("select count(*) from orders") == 0
+    assert await db.fetchval("select stock from skus where id = $1", sku) == 10
+    r = await client.post(
+        "/api/v1/orders",
+        json={"items": [{"sku_id": sku, "qty": 2}], "address_id": address_id},
+        headers=headers,
+    )
+    assert r.status_code == 201 and r.json()["payable_amount"] >= 2_000_000_000
+
+
+async def test_price_edits_during_a_rush_of_checkouts_and_cancels_never_deadlock(
+    client, db, settings, admin_headers
+):
+    # Checkout and cancel lock the SKU rows, then the product (its sales); a SKU edit takes the
+    # same order. In the opposite order they deadlock, and PostgreSQL aborts one side (a 500).
+    _, (sku_a, sku_b) = await make_product(db, skus=[(1000, 500), (1200, 500)])
+    shoppers = await many_users(db, settings, 40)
+    addresses = [await make_address(db, user_id) for user_id, _ in shoppers]
+
+    async def buy_and_cancel(i: int) -> list[int]:
+        _, headers = shoppers[i]
+        items = [{"sku_id": sku_a, "qty": 1}, {"sku_id": sku_b, "qty": 1}]
+        r = await client.post(
+            "/api/v1/orders", json={"items": items, "address_id": addresses[i]}, headers=headers
+        )
+        codes = [r.status_code]
+        if r.status_code == 201:
+            r = await client.post(f"/api/v1/orders/{r.json()['id']}/cancel", headers=headers)
+            codes.append(r.status_code)
+        return codes
+
+    async def edit(i: int) -> list[int]:
+        sku = (sku_a, sku_b)[i % 2]
+        r = await client.patch(f"/api/v1/admin/skus/{sku}", json={"price": 1000 + i}, headers=admin_headers)
+        return [r.status_code]
+
+    results = await asyncio.gather(*(buy_and_cancel(i) for i in range(40)), *(edit(i) for i in range(40)))
+    codes = [c for rs in results for c in rs]
+    assert 500 not in codes and set(codes) <= {200, 201}, sorted(set(codes))
+    assert await stock_of(db, sku_a) == 500 and await stock_of(db, sku_b) == 500
