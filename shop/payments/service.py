@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -196,25 +196,42 @@ async def sync_payment_closes(
     """
     done = 0
     async with pool.acquire() as conn:
+        # Leased (pushed ahead) in one short statement: no row lock is held while the provider is
+        # called, and another worker takes other rows meanwhile.
         rows = await conn.fetch(
-            """select id, provider, out_trade_no from payments where status = 'closed' and not close_synced
-               order by id limit $1""",
+            """update payments p set close_next_attempt_at = now() + interval '2 minutes'
+               where p.id in (select id from payments
+                              where status = 'closed' and not close_synced
+                                and (close_next_attempt_at is null or close_next_attempt_at <= now())
+                              order by id limit $1 for update skip locked)
+               returning p.id, p.provider, p.out_trade_no, p.close_attempts""",
             batch,
         )
         for row in rows:
             provider = providers.get(row["provider"])
-            if provider is None:
-                continue
             try:
+                if provider is None:
+                    raise ProviderError(f"provider {row['provider']} is not configured")
                 paid = await provider.close(row["out_trade_no"])
                 if paid is not None:
                     await apply_paid_notice(conn, settings, provider.name, paid)
             except (ProviderError, NotifyRejected) as exc:
                 log.warning("closing payment %s failed (%s); retried later", row["out_trade_no"], exc)
+                # Backs off (to an hour): a row that keeps failing never holds up the others.
+                await conn.execute(
+                    """update payments set close_attempts = close_attempts + 1,
+                           close_next_attempt_at = now() + $2 where id = $1""",
+                    row["id"],
+                    _close_backoff(row["close_attempts"] + 1),
+                )
                 continue
             await conn.execute("update payments set close_synced = true where id = $1", row["id"])
             done += 1
     return done
+
+
+def _close_backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(3600, 10 * 2 ** min(attempts, 9)))
 
 
 def build_providers(settings: Settings) -> dict[str, PaymentProvider]:

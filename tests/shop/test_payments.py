@@ -9,6 +9,7 @@ import pytest
 
 from shop.orders.service import cancel_expired_orders
 from shop.payments.sandbox import SandboxProvider
+from shop.payments.service import sync_payment_closes
 from shop.refunds import process_refunds
 from tests.factories import make_address, make_product, stock_of
 
@@ -183,3 +184,31 @@ async def test_payment_racing_timeout_ends_paid_or_cancelled_with_refund(
     assert (
         await db.fetchval("select count(*) from orders where status = 'cancelled' and paid_amount <> 0") == 0
     )
+
+
+async def test_payments_whose_close_keeps_failing_back_off_and_never_block_the_others(client, app, db, buyer):
+    # 60 closed payments of a provider this deployment no longer has sit at the head of the queue;
+    # a shopper's superseded attempt behind them is still closed at the provider in the next run.
+    _, headers, address_id = buyer
+    _, (sku,) = await make_product(db)
+    order = await new_order(client, headers, address_id, sku)
+    await db.execute(
+        """insert into payments (order_id, provider, out_trade_no, amount, status, expires_at, closed_at)
+           select $1, 'wechatpay', 'GONE' || g, 100, 'closed', now(), now() from generate_series(1, 60) g""",
+        order["id"],
+    )
+    first = await open_payment(client, headers, order)
+    await open_payment(client, headers, order)  # supersedes the first: closed here, to close there
+    pool, settings, providers = app.state.pool, app.state.settings, app.state.providers
+    assert "wechatpay" not in providers
+    assert await sync_payment_closes(pool, settings, providers) == 0  # the first 50: all fail
+    assert await sync_payment_closes(pool, settings, providers) == 1  # the rest: the shopper's closes
+    assert await db.fetchval(
+        "select close_synced from payments where out_trade_no = $1", first["out_trade_no"]
+    )
+    failing = await db.fetch(
+        "select close_attempts, close_next_attempt_at > now() as later from payments where provider = 'wechatpay'"
+    )
+    assert len(failing) == 60 and all(r["close_attempts"] == 1 and r["later"] for r in failing)
+    assert await sync_payment_closes(pool, settings, providers) == 0  # backing off: not asked again yet
+    assert await db.fetchval("select max(close_attempts) from payments where provider = 'wechatpay'") == 1
