@@ -286,70 +286,62 @@ async def rebuild_game(
     Call it outside a transaction: it reads one snapshot of its own, under the counters lock.
     """
     async with counters_lock(conn, game_id):
-        await _rebuild_game(conn, redis, scripts, keys, settings, game_id)
-
-
-async def _rebuild_game(
-    conn: asyncpg.Connection,
-    redis: aioredis.Redis,
-    scripts: Any,
-    keys: Keys,
-    settings: Settings,
-    game_id: int,
-) -> None:
-    stream = keys.game_stream(game_id)
-    # Every draw the stream holds goes to PostgreSQL first; later ones the script adds on top.
-    last = await persist_backlog(redis, conn, KIND, stream)
-    today = business_date(settings)
-    # One snapshot for every count (READ COMMITTED would let a return or a grant that commits
-    # between two statements be counted in one and not the other).
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        game = await fetch_game(conn, game_id)  # the first statement takes the snapshot
-        # Draws the API wrote after `last` are in the snapshot and in the stream: counted once.
-        tail = await redis.xrange(stream, min="-" if last == "0-0" else f"({last}", max="+")
-        counted = await conn.fetch(
-            "select draw_no from game_draws where draw_no = any($1::text[])", [f["rid"] for _, f in tail if f]
+        stream = keys.game_stream(game_id)
+        # Every draw the stream holds goes to PostgreSQL first; later ones the script adds on top.
+        last = await persist_backlog(redis, conn, KIND, stream)
+        today = business_date(settings)
+        # One snapshot for every count (READ COMMITTED would let a return or a grant that commits
+        # between two statements be counted in one and not the other).
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            game = await fetch_game(conn, game_id)  # the first statement takes the snapshot
+            # Draws the API wrote after `last` are in the snapshot and in the stream: counted once.
+            tail = await redis.xrange(stream, min="-" if last == "0-0" else f"({last}", max="+")
+            counted = await conn.fetch(
+                "select draw_no from game_draws where draw_no = any($1::text[])",
+                [f["rid"] for _, f in tail if f],
+            )
+            prizes = (await fetch_prizes(conn, [game_id]))[game_id]
+            counts = await expected_counts(conn, game_id, prizes, today)
+            returned = [r["id"] for r in await conn.fetch(RETURNED_DRAWS, game_id, [])]
+            granted = [r["id"] for r in await conn.fetch(TODAYS_GRANTS, game_id, today, [])]
+            restocked = [r["id"] for r in await conn.fetch(RESTOCKS, game_id, [])]
+        # Marked as counted: their own after-commit step (or its retry) finds them done.
+        state = rule_pairs(game, prizes) + _flat(
+            {
+                **{f"s:{pos}": n for pos, n in counts.left.items()},
+                **{f"r:{i}": 1 for i in returned},
+                **{f"x:{i}": 1 for i in restocked},
+            }
         )
-        prizes = (await fetch_prizes(conn, [game_id]))[game_id]
-        counts = await expected_counts(conn, game_id, prizes, today)
-        returned = [r["id"] for r in await conn.fetch(RETURNED_DRAWS, game_id, [])]
-        granted = [r["id"] for r in await conn.fetch(TODAYS_GRANTS, game_id, today, [])]
-        restocked = [r["id"] for r in await conn.fetch(RESTOCKS, game_id, [])]
-    # Marked as counted: their own after-commit step (or its retry) finds them done.
-    state = rule_pairs(game, prizes) + _flat(
-        {
-            **{f"s:{pos}": n for pos, n in counts.left.items()},
-            **{f"r:{i}": 1 for i in returned},
-            **{f"x:{i}": 1 for i in restocked},
-        }
-    )
-    users = _flat(counts.users)
-    day = _flat({**counts.day, **{f"grant:{i}": 1 for i in granted}})
-    await scripts.game_warm(
-        keys=_game_keys(keys, game_id, today),
-        args=[
-            "rebuild", len(state), *state, last, today.isoformat(), len(users), *users, len(day), *day,
-            DAY_TTL, len(counted), *(r["draw_no"] for r in counted),
-        ],
-    )  # fmt: skip
-    await register_stream(redis, keys, KIND, stream)
-    # Returns and grants committed after the snapshot go on top, once each: their own step may
-    # have run before the warm (on the state it replaced, or on none).
-    await return_units_to_redis(conn, scripts, keys, await conn.fetch(RETURNED_DRAWS, game_id, returned))
-    await apply_chance_grants(conn, scripts, keys, await conn.fetch(TODAYS_GRANTS, game_id, today, granted))
-    await apply_restocks(conn, scripts, keys, await conn.fetch(RESTOCKS, game_id, restocked))
-    await conn.execute(
-        "update game_draws set return_pending = false where id = any($1::bigint[]) and return_pending",
-        returned,
-    )
-    await conn.execute(
-        "update game_prize_restocks set redis_done = true where id = any($1::bigint[]) and not redis_done",
-        restocked,
-    )
-    await conn.execute(
-        "update game_chance_grants set redis_done = true where id = any($1::bigint[]) and not redis_done",
-        granted,
-    )
+        users = _flat(counts.users)
+        day = _flat({**counts.day, **{f"grant:{i}": 1 for i in granted}})
+        await scripts.game_warm(
+            keys=_game_keys(keys, game_id, today),
+            args=[
+                "rebuild", len(state), *state, last, today.isoformat(), len(users), *users, len(day), *day,
+                DAY_TTL, len(counted), *(r["draw_no"] for r in counted),
+            ],
+        )  # fmt: skip
+        await register_stream(redis, keys, KIND, stream)
+        # Returns and grants committed after the snapshot go on top, once each: their own step may
+        # have run before the warm (on the state it replaced, or on none).
+        await return_units_to_redis(conn, scripts, keys, await conn.fetch(RETURNED_DRAWS, game_id, returned))
+        await apply_chance_grants(
+            conn, scripts, keys, await conn.fetch(TODAYS_GRANTS, game_id, today, granted)
+        )
+        await apply_restocks(conn, scripts, keys, await conn.fetch(RESTOCKS, game_id, restocked))
+        await conn.execute(
+            "update game_draws set return_pending = false where id = any($1::bigint[]) and return_pending",
+            returned,
+        )
+        await conn.execute(
+            "update game_prize_restocks set redis_done = true where id = any($1::bigint[]) and not redis_done",
+            restocked,
+        )
+        await conn.execute(
+            "update game_chance_grants set redis_done = true where id = any($1::bigint[]) and not redis_done",
+            granted,
+        )
 
 
 RETURNED_DRAWS = """select id, game_id, user_id, position from game_draws
@@ -879,23 +871,26 @@ async def check_game_counters(ctx: ReconcileContext) -> list[Difference]:
     diffs: list[Difference] = []
     streams = set(await registered_streams(ctx.redis, ctx.keys, KIND))
     today = business_date(ctx.settings)
-    games = await ctx.conn.fetch(f"select {GAME_FIELDS} from games where status <> 'draft' order by id")
+    game_ids = [
+        r["id"] for r in await ctx.conn.fetch("select id from games where status <> 'draft' order by id")
+    ]
     # Streams of ended games are left out of the worker's pass once drained (hotpath.jobs).
-    over = set(await ended_game_streams(ctx.conn, ctx.keys, [ctx.keys.game_stream(g["id"]) for g in games]))
-    for game in games:
-        async with counters_lock(ctx.conn, game["id"]):  # no restock or return commits meanwhile
-            diffs.extend(await _check_game(ctx, game, today, streams, over))
+    over = set(await ended_game_streams(ctx.conn, ctx.keys, [ctx.keys.game_stream(g) for g in game_ids]))
+    for game_id in game_ids:
+        async with counters_lock(ctx.conn, game_id):  # no restock or return commits meanwhile
+            diffs.extend(await _check_game(ctx, game_id, today, streams, over))
     return diffs
 
 
 async def _check_game(
-    ctx: ReconcileContext, game: Any, today: date, streams: set[str], over: set[str]
+    ctx: ReconcileContext, game_id: int, today: date, streams: set[str], over: set[str]
 ) -> list[Difference]:
+    """One game, read under its counters lock (its rules and stock as they are now)."""
     diffs: list[Difference] = []
-    subject = f"game {game['id']}"
-    stream = ctx.keys.game_stream(game["id"])
+    subject = f"game {game_id}"
+    stream = ctx.keys.game_stream(game_id)
     await persist_backlog(ctx.redis, ctx.conn, KIND, stream)
-    game = await fetch_game(ctx.conn, game["id"])
+    game = await fetch_game(ctx.conn, game_id)
     prizes = (await fetch_prizes(ctx.conn, [game["id"]]))[game["id"]]
     counts = await expected_counts(ctx.conn, game["id"], prizes, today)
     state = await ctx.redis.hgetall(ctx.keys.game_state(game["id"]))
