@@ -408,6 +408,12 @@ async def test_an_abnormal_refund_is_settled_once_by_an_operator_or_by_wechat(
     assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_failed")
     r = await client.post("/api/v1/admin/refunds/999999/settle", json={"note": "x"}, headers=admin_headers)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "refund.not_found")
+    r = await client.post("/api/v1/admin/refunds/999999/retry", headers=admin_headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "refund.not_found")
+    for action, body in (("retry", None), ("settle", {"note": "x"})):
+        for h in ({}, headers):  # no token; a shopper's token
+            r = await client.post(f"/api/v1/admin/refunds/{refund_a['id']}/{action}", json=body, headers=h)
+            assert r.status_code == 401, (action, r.text)
     # The operator records the settlement while WeChat reports its success: it ends once.
     note = "异常退款：商户平台退至用户银行卡"
     h, body = fake_wechatpay.make_notification(
